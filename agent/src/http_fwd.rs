@@ -1,0 +1,435 @@
+//! HTTP forwarding: one `RequestHead` stream becomes one request to a local HTTP service, and
+//! its response goes back as `ResponseHead`, `Data`, `Fin`.
+//!
+//! A faithful proxy: no redirects followed, no decompression, headers passed through in order
+//! (only `Host` is rewritten to the local authority; the original is in `x-forwarded-host`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame as BodyFrame, SizeHint};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use strait_schema::{ErrorCode, Frame, Header, RequestHead, ResponseHead};
+use tokio::sync::mpsc;
+
+use crate::config::HttpTarget;
+use crate::flow::{Inbound, RecvCredit, SendError, StreamCtx};
+
+/// Bound on dialling a local service; it is local, so anything slower is as good as down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an idle keep-alive connection to a local service is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+type Connector = HttpsConnector<HttpConnector>;
+
+/// One local HTTP service with its own keep-alive pool, shared by every connection of the agent.
+pub(crate) struct HttpUpstream {
+    client: Client<Connector, InboundBody>,
+    target: HttpTarget,
+}
+
+impl HttpUpstream {
+    pub(crate) fn new(target: HttpTarget, tls: Arc<rustls::ClientConfig>) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        HttpUpstream { client, target }
+    }
+}
+
+/// Runs one HTTP exchange to completion. Every exit path leaves the gateway with either a
+/// complete response (`Fin`) or a `Reset`.
+pub(crate) async fn exchange(ctx: StreamCtx, head: RequestHead, upstream: Arc<HttpUpstream>) {
+    let StreamCtx {
+        tx,
+        recv_credit,
+        inbound,
+    } = ctx;
+    let framing = match Framing::of(&head.headers) {
+        Ok(f) => f,
+        Err(why) => return tx.reset(ErrorCode::BadRequest, why).await,
+    };
+    let body = InboundBody {
+        rx: inbound,
+        credit: recv_credit,
+        framing,
+        done: false,
+    };
+    let req = match build_request(&upstream.target, &head, body) {
+        Ok(r) => r,
+        Err(why) => return tx.reset(ErrorCode::BadRequest, &why).await,
+    };
+    let resp = match upstream.client.request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let reason = describe_client_error(&e, upstream.target.authority.as_str());
+            tracing::debug!(stream = %tx.id, %reason, "local HTTP request failed");
+            return tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
+        }
+    };
+    let (parts, mut body) = resp.into_parts();
+    let head_frame = Frame::ResponseHead(ResponseHead {
+        stream: tx.id,
+        status: parts.status.as_u16(),
+        headers: response_headers(&parts.headers),
+    });
+    match tx.frame(&head_frame).await {
+        Ok(()) => {}
+        Err(SendError::Gone) => return,
+        Err(SendError::TooLarge) => {
+            return tx
+                .reset(ErrorCode::Internal, "response head from local service is too large")
+                .await
+        }
+    }
+    if has_body(&head.method, parts.status) {
+        loop {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if tx.data(data).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    let reason = format!("local service failed mid-body ({}): {e}", upstream.target.authority);
+                    return tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
+                }
+            }
+        }
+    }
+    let _ = tx.fin().await;
+}
+
+/// Responses that never carry a body, whatever their headers say.
+fn has_body(method: &str, status: StatusCode) -> bool {
+    !(method.eq_ignore_ascii_case("HEAD")
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+}
+
+/// How the request body is delimited, read from the request headers the gateway forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body (no `content-length`, no chunked `transfer-encoding`, or a zero length).
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Streamed, length unknown (`transfer-encoding: chunked`).
+    Streamed,
+}
+
+impl Framing {
+    pub(crate) fn of(headers: &[Header]) -> Result<Self, &'static str> {
+        let mut framing = Framing::Empty;
+        for h in headers {
+            if h.name == "content-length" {
+                let n = std::str::from_utf8(&h.value)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or("invalid content-length")?;
+                if let Framing::Length(prev) = framing {
+                    if prev != n {
+                        return Err("conflicting content-length headers");
+                    }
+                }
+                framing = if n == 0 { Framing::Empty } else { Framing::Length(n) };
+            }
+        }
+        let chunked = headers.iter().filter(|h| h.name == "transfer-encoding").any(|h| {
+            std::str::from_utf8(&h.value)
+                .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("chunked")))
+                .unwrap_or(false)
+        });
+        if chunked {
+            framing = Framing::Streamed;
+        }
+        Ok(framing)
+    }
+}
+
+/// Builds the request for the local service: absolute URI (prefix + target), headers in
+/// order with `Host` set to the local authority.
+pub(crate) fn build_request<B>(target: &HttpTarget, head: &RequestHead, body: B) -> Result<Request<B>, String> {
+    let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| "invalid method".to_owned())?;
+    if !head.uri.starts_with('/') {
+        return Err("request target must start with '/'".to_owned());
+    }
+    let uri = Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(format!("{}{}", target.path_prefix, head.uri))
+        .build()
+        .map_err(|_| "invalid request target".to_owned())?;
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    let headers = req.headers_mut();
+    for h in &head.headers {
+        if h.name == "host" {
+            continue;
+        }
+        let name =
+            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| format!("invalid header name {:?}", h.name))?;
+        let value = HeaderValue::from_maybe_shared(h.value.clone())
+            .map_err(|_| format!("invalid value for header {:?}", h.name))?;
+        headers.append(name, value);
+    }
+    let host = HeaderValue::from_str(target.authority.as_str()).map_err(|_| "invalid service authority".to_owned())?;
+    headers.insert(HOST, host);
+    Ok(req)
+}
+
+/// Hop-by-hop headers a proxy must not forward (RFC 9110 §7.6.1), plus any the `Connection`
+/// header names; `content-length` always survives so the gateway can frame the body.
+pub(crate) fn response_headers(map: &HeaderMap) -> Vec<Header> {
+    let named: Vec<String> = map
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != CONTENT_LENGTH.as_str())
+        .collect();
+    map.iter()
+        .filter(|(name, _)| {
+            let n = name.as_str();
+            !is_hop_by_hop(n) && !named.iter().any(|c| c == n)
+        })
+        .map(|(name, value)| Header {
+            name: name.as_str().to_owned(),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        })
+        .collect()
+}
+
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(name, "connection" | "keep-alive" | "te" | "trailer" | "upgrade")
+        || name == TRANSFER_ENCODING.as_str()
+        || name.starts_with("proxy-")
+}
+
+/// A reason for the caller: says whether the local service refused, was unreachable, or failed.
+fn describe_client_error(e: &hyper_util::client::legacy::Error, authority: &str) -> String {
+    let io_kind = {
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        let mut kind = None;
+        while let Some(s) = src {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                kind = Some(io.kind());
+                break;
+            }
+            src = s.source();
+        }
+        kind
+    };
+    let chain = error_chain(e);
+    if e.is_connect() {
+        match io_kind {
+            Some(std::io::ErrorKind::ConnectionRefused) => format!("local service refused connection ({authority})"),
+            _ => format!("local service unreachable ({authority}): {chain}"),
+        }
+    } else {
+        format!("local service failed ({authority}): {chain}")
+    }
+}
+
+/// `error: cause: cause`, for reasons that should say what actually happened.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        src = c.source();
+    }
+    s
+}
+
+/// Why the request body ended early.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    /// The stream was torn down before the gateway's `Fin`.
+    #[error("request body aborted before its end")]
+    Aborted,
+}
+
+/// The request body as hyper pulls it: bytes from the gateway's `Data` frames, credited back
+/// as hyper takes them (that is when they count as consumed).
+pub(crate) struct InboundBody {
+    rx: mpsc::UnboundedReceiver<Inbound>,
+    credit: RecvCredit,
+    framing: Framing,
+    done: bool,
+}
+
+impl Body for InboundBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<BodyFrame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if this.done || this.framing == Framing::Empty {
+            return Poll::Ready(None);
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Inbound::Data(bytes))) => {
+                this.credit.consumed(bytes.len());
+                Poll::Ready(Some(Ok(BodyFrame::data(bytes))))
+            }
+            Poll::Ready(Some(Inbound::Fin)) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(Some(Err(BodyError::Aborted)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.framing == Framing::Empty
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Streamed => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::uri::Scheme;
+    use strait_schema::StreamId;
+
+    fn h(name: &str, value: &str) -> Header {
+        Header {
+            name: name.into(),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        }
+    }
+
+    fn target(prefix: &str) -> HttpTarget {
+        HttpTarget {
+            scheme: Scheme::HTTP,
+            authority: "127.0.0.1:3000".parse().unwrap(),
+            path_prefix: prefix.into(),
+        }
+    }
+
+    fn head(uri: &str, headers: Vec<Header>) -> RequestHead {
+        RequestHead {
+            stream: StreamId(1),
+            service: String::new(),
+            method: "POST".into(),
+            uri: uri.into(),
+            headers,
+        }
+    }
+
+    #[test]
+    fn framing_follows_length_then_chunked_else_empty() {
+        assert_eq!(Framing::of(&[]), Ok(Framing::Empty));
+        assert_eq!(Framing::of(&[h("content-length", "12")]), Ok(Framing::Length(12)));
+        assert_eq!(Framing::of(&[h("content-length", "0")]), Ok(Framing::Empty));
+        assert_eq!(
+            Framing::of(&[h("transfer-encoding", "gzip, Chunked")]),
+            Ok(Framing::Streamed)
+        );
+        assert!(Framing::of(&[h("content-length", "x")]).is_err());
+        assert!(Framing::of(&[h("content-length", "1"), h("content-length", "2")]).is_err());
+    }
+
+    #[test]
+    fn request_gets_prefix_local_host_and_keeps_header_order() {
+        let req = build_request(
+            &target("/base"),
+            &head(
+                "/a/b?c=d",
+                vec![
+                    h("host", "alpha.example.com"),
+                    h("x-m", "1"),
+                    h("accept", "*/*"),
+                    h("x-m", "2"),
+                ],
+            ),
+            (),
+        )
+        .unwrap();
+        assert_eq!(req.uri(), "http://127.0.0.1:3000/base/a/b?c=d");
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(req.headers()[HOST], "127.0.0.1:3000");
+        let xm: Vec<_> = req.headers().get_all("x-m").iter().collect();
+        assert_eq!(xm, vec!["1", "2"]);
+    }
+
+    #[test]
+    fn request_refuses_non_origin_targets() {
+        assert!(build_request(&target(""), &head("http://evil/", vec![]), ()).is_err());
+        assert!(build_request(&target(""), &head("*", vec![]), ()).is_err());
+    }
+
+    #[test]
+    fn response_drops_hop_by_hop_but_keeps_content_length() {
+        let mut map = HeaderMap::new();
+        map.append("content-type", "text/plain".parse().unwrap());
+        map.append("connection", "keep-alive, x-private".parse().unwrap());
+        map.append("keep-alive", "timeout=5".parse().unwrap());
+        map.append("x-private", "1".parse().unwrap());
+        map.append("transfer-encoding", "chunked".parse().unwrap());
+        map.append("proxy-authenticate", "Basic".parse().unwrap());
+        map.append("content-length", "5".parse().unwrap());
+        map.append("set-cookie", "a=1".parse().unwrap());
+        map.append("set-cookie", "b=2".parse().unwrap());
+        let names: Vec<_> = response_headers(&map).into_iter().map(|h| (h.name, h.value)).collect();
+        assert_eq!(
+            names,
+            vec![
+                ("content-type".into(), Bytes::from_static(b"text/plain")),
+                ("content-length".into(), Bytes::from_static(b"5")),
+                ("set-cookie".into(), Bytes::from_static(b"a=1")),
+                ("set-cookie".into(), Bytes::from_static(b"b=2")),
+            ]
+        );
+    }
+
+    #[test]
+    fn bodiless_responses() {
+        assert!(!has_body("HEAD", StatusCode::OK));
+        assert!(!has_body("GET", StatusCode::NO_CONTENT));
+        assert!(!has_body("GET", StatusCode::NOT_MODIFIED));
+        assert!(has_body("GET", StatusCode::OK));
+    }
+}

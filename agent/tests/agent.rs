@@ -1,0 +1,779 @@
+//! The agent against a scripted gateway: a WebSocket peer on 127.0.0.1:0 that speaks the
+//! schema codec, plus real local HTTP and TCP services.
+
+// Test helpers outside `#[test]` functions panic on purpose when the scripted peer goes wrong.
+#![allow(clippy::unwrap_used, clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use strait_agent::{AgentConfig, AgentHandle, AgentStatus, Error};
+use strait_schema::credentials;
+use strait_schema::{
+    decode, encode, AgentName, AgentToken, Credit, Data, ErrorCode, Fin, Frame, GoAway, Header, Limits, Pong,
+    RefuseCode, Refused, RequestHead, Secret, ServiceDecl, ServiceKind, StreamId, StreamOpen, Welcome, WireLimits,
+    PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{Request as WsRequest, Response as WsResponse};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+const WINDOW: u32 = 64 << 10;
+const MAX_DATA: u32 = 16 << 10;
+const STEP: Duration = Duration::from_secs(10);
+
+type Ws = WebSocketStream<TcpStream>;
+
+fn token() -> AgentToken {
+    AgentToken {
+        agent: AgentName::new("alpha").unwrap(),
+        key_id: "k1".into(),
+        secret: Secret::generate(),
+    }
+}
+
+fn seeded(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i % 251) as u8).wrapping_add(seed)).collect()
+}
+
+fn welcome() -> Frame {
+    Frame::Welcome(Welcome {
+        node_id: "node-test".into(),
+        heartbeat_ms: 1000,
+        limits: WireLimits {
+            max_frame_bytes: 1 << 20,
+            max_data_bytes: MAX_DATA,
+            stream_window: WINDOW,
+            max_streams: 64,
+        },
+        capabilities: vec![],
+    })
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header {
+        name: name.into(),
+        value: Bytes::copy_from_slice(value.as_bytes()),
+    }
+}
+
+fn value<'a>(headers: &'a [Header], name: &str) -> Vec<&'a [u8]> {
+    headers
+        .iter()
+        .filter(|h| h.name == name)
+        .map(|h| h.value.as_ref())
+        .collect()
+}
+
+/// A local HTTP service: `/base/big` (1 MiB, two `x-multi` values), `/base/echo` (echoes the
+/// body and reports the `Host` and target it saw).
+async fn http_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default();
+                    let target = req.uri().to_string();
+                    let resp = if target.starts_with("/base/big") {
+                        Response::builder()
+                            .header("x-multi", "a")
+                            .header("x-multi", "b")
+                            .header("x-seen-host", host)
+                            .body(Full::new(Bytes::from(seeded(1 << 20, 1))))
+                            .unwrap()
+                    } else if target == "/base/echo" {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        Response::builder()
+                            .header("x-seen-host", host)
+                            .header("x-seen-target", target)
+                            .body(Full::new(body))
+                            .unwrap()
+                    } else {
+                        Response::builder().status(404).body(Full::new(Bytes::new())).unwrap()
+                    };
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(sock), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A local TCP service that echoes until EOF, then closes.
+async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if sock.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A port with nothing listening on it.
+async fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Accepts the agent's WebSocket; returns it with the request path it used.
+async fn accept(listener: &TcpListener) -> (Ws, String) {
+    let (sock, _) = tokio::time::timeout(STEP, listener.accept())
+        .await
+        .expect("agent did not dial")
+        .unwrap();
+    let mut path = String::new();
+    let ws = tokio_tungstenite::accept_hdr_async(sock, |req: &WsRequest, resp: WsResponse| {
+        path = req.uri().path().to_owned();
+        Ok(resp)
+    })
+    .await
+    .unwrap();
+    (ws, path)
+}
+
+async fn send(ws: &mut Ws, frame: Frame) {
+    ws.send(Message::Binary(encode(&frame).into())).await.unwrap();
+}
+
+/// Next frame from the agent, answering its `Ping`s on the way.
+async fn next(ws: &mut Ws) -> Frame {
+    loop {
+        let msg = tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("no frame from agent")
+            .unwrap()
+            .unwrap();
+        match msg {
+            Message::Binary(b) => match decode(&b, &Limits::default()).unwrap() {
+                Frame::Ping(p) => {
+                    send(
+                        ws,
+                        Frame::Pong(Pong {
+                            timestamp_ms: p.timestamp_ms,
+                        }),
+                    )
+                    .await
+                }
+                f => return f,
+            },
+            Message::Close(_) => panic!("agent closed the connection"),
+            _ => {}
+        }
+    }
+}
+
+/// Like [`next`], but `None` if nothing but pings arrives within `quiet`.
+async fn next_within(ws: &mut Ws, quiet: Duration) -> Option<Frame> {
+    tokio::time::timeout(quiet, next(ws)).await.ok()
+}
+
+async fn expect_reset(ws: &mut Ws, stream: StreamId) -> (ErrorCode, String) {
+    match next(ws).await {
+        Frame::Reset(r) if r.stream == stream => (r.code, r.reason),
+        other => panic!("expected Reset for {stream}, got {other:?}"),
+    }
+}
+
+async fn start(services: &[String]) -> (AgentHandle, TcpListener, AgentToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let token = token();
+    let mut cfg = AgentConfig::new(&format!("ws://{}", listener.local_addr().unwrap()), token.clone()).unwrap();
+    for s in services {
+        cfg = cfg.expose(s).unwrap();
+    }
+    cfg.max_backoff = Duration::from_millis(300);
+    cfg.drain_timeout = Duration::from_secs(5);
+    (AgentHandle::spawn(cfg), listener, token)
+}
+
+#[tokio::test]
+async fn streams_round_trip_under_credit() {
+    let http = http_upstream().await;
+    let echo = tcp_echo().await;
+    let closed = closed_port().await;
+    let (agent, listener, token) = start(&[
+        format!("http://{http}/base"),
+        format!("down=http://127.0.0.1:{closed}"),
+        format!("echo=tcp://{echo}"),
+        format!("gone=tcp://127.0.0.1:{closed}"),
+    ])
+    .await;
+
+    // Handshake: a signed Hello on the default path, answered with Welcome.
+    let (mut ws, path) = accept(&listener).await;
+    assert_eq!(path, "/v1/connect");
+    let Frame::Hello(hello) = next(&mut ws).await else {
+        panic!("first frame must be Hello")
+    };
+    assert!(
+        credentials::verify(&token.secret, &hello),
+        "Hello signature must verify"
+    );
+    assert_eq!(hello.agent.as_str(), "alpha");
+    assert_eq!(hello.key_id, "k1");
+    assert_eq!(hello.version, PROTOCOL_VERSION);
+    assert_eq!(
+        hello.services,
+        vec![
+            ServiceDecl {
+                name: "".into(),
+                kind: ServiceKind::Http
+            },
+            ServiceDecl {
+                name: "down".into(),
+                kind: ServiceKind::Http
+            },
+            ServiceDecl {
+                name: "echo".into(),
+                kind: ServiceKind::Tcp
+            },
+            ServiceDecl {
+                name: "gone".into(),
+                kind: ServiceKind::Tcp
+            },
+        ]
+    );
+    send(&mut ws, welcome()).await;
+    assert_eq!(agent.connected(STEP).await.unwrap(), "node-test");
+
+    // Frames for streams that do not exist are ignored.
+    let ghost = StreamId(999);
+    send(
+        &mut ws,
+        Frame::Data(Data {
+            stream: ghost,
+            bytes: Bytes::from_static(b"x"),
+        }),
+    )
+    .await;
+    send(
+        &mut ws,
+        Frame::Credit(Credit {
+            stream: ghost,
+            bytes: 10,
+        }),
+    )
+    .await;
+    send(&mut ws, Frame::Fin(Fin { stream: ghost })).await;
+
+    // GET of 1 MiB with a 64 KiB window: the agent stops at the window until credit comes.
+    let s = StreamId(1);
+    send(
+        &mut ws,
+        Frame::RequestHead(RequestHead {
+            stream: s,
+            service: "".into(),
+            method: "GET".into(),
+            uri: "/big?x=1".into(),
+            headers: vec![header("x-forwarded-host", "alpha.example.com"), header("accept", "*/*")],
+        }),
+    )
+    .await;
+    send(&mut ws, Frame::Fin(Fin { stream: s })).await;
+    let Frame::ResponseHead(head) = next(&mut ws).await else {
+        panic!("expected ResponseHead")
+    };
+    assert_eq!(head.stream, s);
+    assert_eq!(head.status, 200);
+    assert_eq!(value(&head.headers, "content-length"), vec![b"1048576".as_ref()]);
+    assert_eq!(value(&head.headers, "x-multi"), vec![b"a".as_ref(), b"b".as_ref()]);
+    assert_eq!(value(&head.headers, "x-seen-host"), vec![http.to_string().as_bytes()]);
+    assert!(value(&head.headers, "transfer-encoding").is_empty());
+    assert!(value(&head.headers, "connection").is_empty());
+    let mut body = Vec::new();
+    let mut outstanding = 0u32;
+    let mut checked_stall = false;
+    loop {
+        match next(&mut ws).await {
+            Frame::Data(d) if d.stream == s => {
+                assert!(d.bytes.len() as u32 <= MAX_DATA, "Data frame over max_data_bytes");
+                outstanding += d.bytes.len() as u32;
+                assert!(
+                    outstanding <= WINDOW,
+                    "agent sent {outstanding} bytes on a {WINDOW} window"
+                );
+                body.extend_from_slice(&d.bytes);
+                if outstanding == WINDOW {
+                    if !checked_stall {
+                        let quiet = next_within(&mut ws, Duration::from_millis(300)).await;
+                        assert!(quiet.is_none(), "agent sent beyond its credit: {quiet:?}");
+                        checked_stall = true;
+                    }
+                    send(
+                        &mut ws,
+                        Frame::Credit(Credit {
+                            stream: s,
+                            bytes: outstanding,
+                        }),
+                    )
+                    .await;
+                    outstanding = 0;
+                }
+            }
+            Frame::Fin(f) if f.stream == s => break,
+            other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
+        }
+    }
+    assert!(checked_stall);
+    assert_eq!(body, seeded(1 << 20, 1));
+
+    // POST of 200 KiB: we send under the agent's credit; it credits in batches.
+    let s = StreamId(2);
+    let req_body = seeded(200 << 10, 7);
+    send(
+        &mut ws,
+        Frame::RequestHead(RequestHead {
+            stream: s,
+            service: "".into(),
+            method: "POST".into(),
+            uri: "/echo".into(),
+            headers: vec![
+                header("host", "alpha.example.com"),
+                header("content-length", &req_body.len().to_string()),
+            ],
+        }),
+    )
+    .await;
+    let mut credit = WINDOW as usize;
+    let mut sent = 0usize;
+    let mut fin_sent = false;
+    let mut resp_head = None;
+    let mut resp_body = Vec::new();
+    loop {
+        while sent < req_body.len() && credit > 0 {
+            let n = (req_body.len() - sent).min(MAX_DATA as usize).min(credit);
+            send(
+                &mut ws,
+                Frame::Data(Data {
+                    stream: s,
+                    bytes: Bytes::copy_from_slice(&req_body[sent..sent + n]),
+                }),
+            )
+            .await;
+            sent += n;
+            credit -= n;
+        }
+        if sent == req_body.len() && !fin_sent {
+            send(&mut ws, Frame::Fin(Fin { stream: s })).await;
+            fin_sent = true;
+        }
+        match next(&mut ws).await {
+            Frame::Credit(c) if c.stream == s => {
+                assert!(c.bytes >= WINDOW / 4, "credit should be batched, got {}", c.bytes);
+                credit += c.bytes as usize;
+            }
+            Frame::ResponseHead(h) if h.stream == s => resp_head = Some(h),
+            Frame::Data(d) if d.stream == s => {
+                resp_body.extend_from_slice(&d.bytes);
+                send(
+                    &mut ws,
+                    Frame::Credit(Credit {
+                        stream: s,
+                        bytes: d.bytes.len() as u32,
+                    }),
+                )
+                .await;
+            }
+            Frame::Fin(f) if f.stream == s => break,
+            other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
+        }
+    }
+    let resp_head = resp_head.expect("no ResponseHead");
+    assert_eq!(resp_head.status, 200);
+    assert_eq!(
+        value(&resp_head.headers, "x-seen-host"),
+        vec![http.to_string().as_bytes()]
+    );
+    assert_eq!(value(&resp_head.headers, "x-seen-target"), vec![b"/base/echo".as_ref()]);
+    assert_eq!(resp_body, req_body);
+
+    // Unknown service, wrong kind, refused local ports: Reset SERVICE_UNAVAILABLE.
+    let rh = |stream, service: &str| {
+        Frame::RequestHead(RequestHead {
+            stream,
+            service: service.into(),
+            method: "GET".into(),
+            uri: "/".into(),
+            headers: vec![],
+        })
+    };
+    // An invalid head (the codec refuses the method) is skipped without hurting the link.
+    let Frame::RequestHead(mut bad) = rh(StreamId(30), "") else {
+        unreachable!()
+    };
+    bad.method = "G ET".into();
+    send(&mut ws, Frame::RequestHead(bad)).await;
+    send(&mut ws, rh(StreamId(3), "nope")).await;
+    assert_eq!(
+        expect_reset(&mut ws, StreamId(3)).await.0,
+        ErrorCode::ServiceUnavailable
+    );
+    send(&mut ws, rh(StreamId(4), "echo")).await;
+    assert_eq!(
+        expect_reset(&mut ws, StreamId(4)).await.0,
+        ErrorCode::ServiceUnavailable
+    );
+    send(&mut ws, rh(StreamId(5), "down")).await;
+    send(&mut ws, Frame::Fin(Fin { stream: StreamId(5) })).await;
+    let (code, reason) = expect_reset(&mut ws, StreamId(5)).await;
+    assert_eq!(code, ErrorCode::ServiceUnavailable);
+    assert_eq!(reason, format!("local service refused connection (127.0.0.1:{closed})"));
+    send(
+        &mut ws,
+        Frame::StreamOpen(StreamOpen {
+            stream: StreamId(6),
+            service: "gone".into(),
+        }),
+    )
+    .await;
+    let (code, reason) = expect_reset(&mut ws, StreamId(6)).await;
+    assert_eq!(code, ErrorCode::ServiceUnavailable);
+    assert!(reason.contains("refused connection"), "{reason}");
+    send(
+        &mut ws,
+        Frame::StreamOpen(StreamOpen {
+            stream: StreamId(7),
+            service: "down".into(),
+        }),
+    )
+    .await;
+    assert_eq!(
+        expect_reset(&mut ws, StreamId(7)).await.0,
+        ErrorCode::ServiceUnavailable
+    );
+
+    // Byte stream: data both ways, half-close each way.
+    let s = StreamId(8);
+    send(
+        &mut ws,
+        Frame::StreamOpen(StreamOpen {
+            stream: s,
+            service: "echo".into(),
+        }),
+    )
+    .await;
+    send(
+        &mut ws,
+        Frame::Data(Data {
+            stream: s,
+            bytes: Bytes::from_static(b"hello tcp"),
+        }),
+    )
+    .await;
+    send(&mut ws, Frame::Fin(Fin { stream: s })).await;
+    let mut echoed = Vec::new();
+    loop {
+        match next(&mut ws).await {
+            Frame::Data(d) if d.stream == s => echoed.extend_from_slice(&d.bytes),
+            Frame::Credit(c) if c.stream == s => {}
+            Frame::Fin(f) if f.stream == s => break,
+            other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
+        }
+    }
+    assert_eq!(echoed, b"hello tcp");
+
+    // Graceful shutdown ends with a WebSocket close frame.
+    let stopping = tokio::spawn(agent.shutdown());
+    let closed_by_agent = tokio::time::timeout(STEP, async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(_) = msg {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap();
+    assert!(closed_by_agent, "expected a close frame");
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn refusal_shows_in_status_and_connected() {
+    let (agent, listener, _) = start(&[]).await;
+    let (mut ws, _) = accept(&listener).await;
+    assert!(matches!(next(&mut ws).await, Frame::Hello(_)));
+    send(
+        &mut ws,
+        Frame::Refused(Refused {
+            code: RefuseCode::BadSignature,
+            message: "bad signature".into(),
+        }),
+    )
+    .await;
+    let _ = ws.close(None).await;
+    match agent.connected(STEP).await {
+        Err(Error::Refused { code, message }) => {
+            assert_eq!(code, RefuseCode::BadSignature);
+            assert_eq!(message, "bad signature");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(matches!(
+        *agent.status().borrow(),
+        AgentStatus::Refused {
+            code: RefuseCode::BadSignature,
+            ..
+        }
+    ));
+    agent.kill();
+}
+
+#[tokio::test]
+async fn reconnects_after_loss_and_on_go_away_while_old_streams_finish() {
+    let http = http_upstream().await;
+    let (agent, listener, token) = start(&[format!("http://{http}/base")]).await;
+    let mut status = agent.status();
+
+    // First connection: welcomed, then dropped without a close frame.
+    let (mut ws, _) = accept(&listener).await;
+    let Frame::Hello(first) = next(&mut ws).await else {
+        panic!()
+    };
+    send(&mut ws, welcome()).await;
+    agent.connected(STEP).await.unwrap();
+    drop(ws);
+
+    // The agent comes back with a fresh, valid Hello.
+    let (mut ws, _) = accept(&listener).await;
+    let Frame::Hello(second) = next(&mut ws).await else {
+        panic!()
+    };
+    assert!(credentials::verify(&token.secret, &second));
+    assert_ne!(first.nonce, second.nonce);
+    assert_eq!(first.instance_id, second.instance_id);
+    send(&mut ws, welcome()).await;
+    tokio::time::timeout(STEP, status.wait_for(|s| matches!(s, AgentStatus::Connected { .. })))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // A stream in flight on the old connection, then GoAway: a new connection is dialled while
+    // the old one still finishes the stream.
+    let s = StreamId(1);
+    send(
+        &mut ws,
+        Frame::RequestHead(RequestHead {
+            stream: s,
+            service: "".into(),
+            method: "GET".into(),
+            uri: "/big".into(),
+            headers: vec![],
+        }),
+    )
+    .await;
+    send(&mut ws, Frame::Fin(Fin { stream: s })).await;
+    let Frame::ResponseHead(_) = next(&mut ws).await else {
+        panic!()
+    };
+    send(
+        &mut ws,
+        Frame::GoAway(GoAway {
+            reason: "draining".into(),
+        }),
+    )
+    .await;
+    let (mut ws2, _) = accept(&listener).await;
+    assert!(matches!(next(&mut ws2).await, Frame::Hello(_)));
+    send(&mut ws2, welcome()).await;
+
+    let mut got = 0usize;
+    let mut granted: HashMap<StreamId, u32> = HashMap::new();
+    loop {
+        match next(&mut ws).await {
+            Frame::Data(d) => {
+                got += d.bytes.len();
+                *granted.entry(d.stream).or_default() += d.bytes.len() as u32;
+                send(
+                    &mut ws,
+                    Frame::Credit(Credit {
+                        stream: d.stream,
+                        bytes: d.bytes.len() as u32,
+                    }),
+                )
+                .await;
+            }
+            Frame::Fin(_) => break,
+            other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
+        }
+    }
+    assert_eq!(got, 1 << 20);
+    // With its last stream done, the retired connection closes itself.
+    let closed = tokio::time::timeout(STEP, async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(_) = msg {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap();
+    assert!(closed);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_refuses_new_streams_and_drains_in_flight_ones() {
+    let http = http_upstream().await;
+    let (agent, listener, _) = start(&[format!("http://{http}/base")]).await;
+    let (mut ws, _) = accept(&listener).await;
+    assert!(matches!(next(&mut ws).await, Frame::Hello(_)));
+    send(&mut ws, welcome()).await;
+    agent.connected(STEP).await.unwrap();
+    let get = |stream| {
+        Frame::RequestHead(RequestHead {
+            stream,
+            service: "".into(),
+            method: "GET".into(),
+            uri: "/big".into(),
+            headers: vec![],
+        })
+    };
+
+    // One stream in flight, stalled on credit after its first window.
+    let s = StreamId(1);
+    send(&mut ws, get(s)).await;
+    send(&mut ws, Frame::Fin(Fin { stream: s })).await;
+    let Frame::ResponseHead(_) = next(&mut ws).await else {
+        panic!()
+    };
+    let mut got = 0usize;
+    while got < WINDOW as usize {
+        let Frame::Data(d) = next(&mut ws).await else { panic!() };
+        got += d.bytes.len();
+    }
+
+    let mut status = agent.status();
+    let stopping = tokio::spawn(agent.shutdown());
+    // New streams are refused while draining (retry until the stop has reached the session).
+    let mut id = 100;
+    'retry: loop {
+        id += 1;
+        let this = StreamId(id);
+        send(&mut ws, get(this)).await;
+        send(&mut ws, Frame::Fin(Fin { stream: this })).await;
+        loop {
+            match next(&mut ws).await {
+                Frame::Reset(r) if r.stream == this => {
+                    assert_eq!(r.code, ErrorCode::ShuttingDown);
+                    break 'retry;
+                }
+                // Accepted before the stop reached the session: cut it and try again.
+                Frame::ResponseHead(h) if h.stream == this => {
+                    let reset = strait_schema::Reset {
+                        stream: this,
+                        code: ErrorCode::Reset,
+                        reason: "test".into(),
+                    };
+                    send(&mut ws, Frame::Reset(reset)).await;
+                    continue 'retry;
+                }
+                Frame::Data(d) if d.stream == s => got += d.bytes.len(),
+                Frame::Data(_) | Frame::Fin(_) | Frame::Reset(_) => {}
+                other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
+            }
+        }
+    }
+
+    // The in-flight stream still completes once credit flows again, then the link closes.
+    send(
+        &mut ws,
+        Frame::Credit(Credit {
+            stream: s,
+            bytes: WINDOW,
+        }),
+    )
+    .await;
+    loop {
+        match next(&mut ws).await {
+            Frame::Data(d) if d.stream == s => {
+                got += d.bytes.len();
+                send(
+                    &mut ws,
+                    Frame::Credit(Credit {
+                        stream: s,
+                        bytes: d.bytes.len() as u32,
+                    }),
+                )
+                .await;
+            }
+            Frame::Fin(f) if f.stream == s => break,
+            Frame::Data(_) | Frame::Fin(_) => {}
+            other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
+        }
+    }
+    assert_eq!(got, 1 << 20);
+    let closed = tokio::time::timeout(STEP, async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(_) = msg {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap();
+    assert!(closed);
+    stopping.await.unwrap();
+    assert_eq!(*status.borrow_and_update(), AgentStatus::Stopped);
+}
+
+#[tokio::test]
+async fn silent_gateway_is_dropped_after_three_heartbeats() {
+    let (agent, listener, _) = start(&[]).await;
+    let (mut ws, _) = accept(&listener).await;
+    assert!(matches!(next(&mut ws).await, Frame::Hello(_)));
+    let Frame::Welcome(mut w) = welcome() else {
+        unreachable!()
+    };
+    w.heartbeat_ms = 100;
+    send(&mut ws, Frame::Welcome(w)).await;
+    agent.connected(STEP).await.unwrap();
+    // Say nothing (not even Pong): the agent must give up on this link and dial again.
+    let started = std::time::Instant::now();
+    let (_ws2, _) = accept(&listener).await;
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(250), "dropped too early: {waited:?}");
+    drop(ws);
+    agent.kill();
+}

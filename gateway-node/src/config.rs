@@ -1,0 +1,210 @@
+//! Node configuration, parsed once into types. Flags have `STRAIT_*` environment twins; tests
+//! build [`NodeConfig`] in code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use strait_schema::WireLimits;
+
+use crate::error::Error;
+
+/// Where durable state lives; shared by `serve` and the admin subcommands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Embedded store directory (single node). Created if missing.
+    #[arg(long, env = "STRAIT_DATA_DIR", default_value = "./strait-data")]
+    pub data_dir: PathBuf,
+    /// Postgres URL (cluster mode).
+    #[arg(long, env = "STRAIT_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+/// `strait-gateway serve` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Where agents dial in. Loopback by default, so a fresh node exposes nothing.
+    #[arg(long, env = "STRAIT_AGENT_LISTEN", default_value = "127.0.0.1:7070")]
+    pub agent_listen: SocketAddr,
+    /// Public HTTP ingress.
+    #[arg(long, env = "STRAIT_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// Operator API (/api/v1); served once operator sessions land.
+    #[arg(long, env = "STRAIT_API_LISTEN", default_value = "127.0.0.1:7071")]
+    pub api_listen: SocketAddr,
+    /// /healthz, /readyz, /metrics.
+    #[arg(long, env = "STRAIT_OPS_LISTEN", default_value = "127.0.0.1:9090")]
+    pub ops_listen: SocketAddr,
+    /// Ingress host suffix: `<agent>.<domain>` reaches agent `<agent>`.
+    #[arg(long, env = "STRAIT_DOMAIN", default_value = "localhost")]
+    pub domain: String,
+    /// This node's id (default: random).
+    #[arg(long, env = "STRAIT_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Redis URL (cluster mode).
+    #[arg(long, env = "STRAIT_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// RabbitMQ URL (cluster mode).
+    #[arg(long, env = "STRAIT_AMQP_URL")]
+    pub amqp_url: Option<String>,
+    /// Store location.
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Ping interval towards agents, ms; an agent silent for 3 intervals is dropped.
+    #[arg(long, env = "STRAIT_HEARTBEAT_MS", default_value_t = 5000)]
+    pub heartbeat_ms: u32,
+    /// Seconds to wait for an agent's response head before answering 504 TIMEOUT.
+    #[arg(long, env = "STRAIT_HEAD_TIMEOUT", default_value_t = 30)]
+    pub head_timeout_secs: u64,
+    /// Accepted handshake clock skew, seconds (both directions).
+    #[arg(long, env = "STRAIT_CLOCK_SKEW", default_value_t = 60)]
+    pub clock_skew_secs: u64,
+    /// Per-stream flow-control window, bytes.
+    #[arg(long, env = "STRAIT_STREAM_WINDOW", default_value_t = 256 * 1024)]
+    pub stream_window: u32,
+    /// Most streams open at once per agent.
+    #[arg(long, env = "STRAIT_MAX_STREAMS", default_value_t = 1024)]
+    pub max_streams: u32,
+    /// Worker threads per server (default: one per core).
+    #[arg(long, env = "STRAIT_WORKERS")]
+    pub workers: Option<usize>,
+}
+
+/// Which implementations sit behind `Store`, `Directory` and `Bus`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backends {
+    /// Single node: SQLite file, in-memory directory, in-process bus.
+    Embedded {
+        /// Directory of the SQLite file.
+        data_dir: PathBuf,
+    },
+    /// Cluster: Redis, RabbitMQ streams, Postgres. All three or none.
+    Cluster {
+        /// Redis URL.
+        redis: String,
+        /// AMQP URL.
+        amqp: String,
+        /// Postgres URL.
+        db: String,
+    },
+}
+
+impl Backends {
+    /// A half-configured cluster is a start-up error, not a silent fallback to a single node.
+    pub fn from_urls(
+        data_dir: PathBuf,
+        redis: Option<String>,
+        amqp: Option<String>,
+        db: Option<String>,
+    ) -> Result<Self, Error> {
+        match (redis, amqp, db) {
+            (None, None, None) => Ok(Backends::Embedded { data_dir }),
+            (Some(redis), Some(amqp), Some(db)) => Ok(Backends::Cluster { redis, amqp, db }),
+            _ => Err(Error::Config(
+                "cluster mode needs all of --redis-url, --amqp-url and --database-url (or none, for a single node)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// Everything a node needs besides its listeners.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id.
+    pub node_id: String,
+    /// Ingress host suffix (lowercase, no leading dot).
+    pub domain: String,
+    /// Backends.
+    pub backends: Backends,
+    /// Ping interval.
+    pub heartbeat: Duration,
+    /// Silent heartbeats before an agent is dropped.
+    pub missed_heartbeats: u32,
+    /// Time allowed for an agent's response head.
+    pub head_timeout: Duration,
+    /// Time allowed from WebSocket upgrade to a valid `Hello`.
+    pub handshake_timeout: Duration,
+    /// Accepted clock skew for handshakes; nonces are remembered for twice this.
+    pub clock_skew: Duration,
+    /// Limits announced to agents.
+    pub limits: WireLimits,
+    /// How often the node checks the store for revoked agents to drop.
+    pub revocation_poll: Duration,
+    /// Worker threads per server.
+    pub workers: usize,
+    /// How long in-flight requests may run on after shutdown is asked.
+    pub drain_grace: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for a single node on `data_dir`; tests tweak fields from here.
+    pub fn embedded(data_dir: PathBuf) -> Self {
+        NodeConfig {
+            node_id: random_node_id(),
+            domain: "localhost".into(),
+            backends: Backends::Embedded { data_dir },
+            heartbeat: Duration::from_secs(5),
+            missed_heartbeats: 3,
+            head_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            clock_skew: Duration::from_secs(60),
+            limits: WireLimits {
+                max_frame_bytes: 1 << 20,
+                max_data_bytes: 64 << 10,
+                stream_window: 256 << 10,
+                max_streams: 1024,
+            },
+            revocation_poll: Duration::from_secs(2),
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            drain_grace: Duration::from_secs(30),
+        }
+    }
+
+    /// Builds the config from parsed flags, refusing values that cannot work.
+    pub fn from_args(a: &ServeArgs) -> Result<Self, Error> {
+        let mut cfg = NodeConfig::embedded(a.store.data_dir.clone());
+        cfg.backends = Backends::from_urls(
+            a.store.data_dir.clone(),
+            a.redis_url.clone(),
+            a.amqp_url.clone(),
+            a.store.database_url.clone(),
+        )?;
+        if let Some(id) = &a.node_id {
+            if !strait_schema::frame::is_short_id(id) {
+                return Err(Error::Config(format!(
+                    "--node-id {id:?}: use 1-64 of A-Z a-z 0-9 . _ -"
+                )));
+            }
+            cfg.node_id = id.clone();
+        }
+        let domain = a.domain.trim_matches('.').to_ascii_lowercase();
+        if domain.is_empty() || !domain.split('.').all(strait_schema::frame::is_dns_label) {
+            return Err(Error::Config(format!("--domain {:?} is not a domain name", a.domain)));
+        }
+        cfg.domain = domain;
+        if a.heartbeat_ms < 10 {
+            return Err(Error::Config("--heartbeat-ms must be at least 10".into()));
+        }
+        cfg.heartbeat = Duration::from_millis(u64::from(a.heartbeat_ms));
+        cfg.head_timeout = Duration::from_secs(a.head_timeout_secs.max(1));
+        cfg.clock_skew = Duration::from_secs(a.clock_skew_secs.max(1));
+        if a.stream_window < cfg.limits.max_data_bytes {
+            return Err(Error::Config(format!(
+                "--stream-window must be at least {} bytes",
+                cfg.limits.max_data_bytes
+            )));
+        }
+        cfg.limits.stream_window = a.stream_window;
+        cfg.limits.max_streams = a.max_streams.max(1);
+        if let Some(w) = a.workers {
+            cfg.workers = w.max(1);
+        }
+        Ok(cfg)
+    }
+}
+
+/// `node-` plus 8 random hex digits.
+pub fn random_node_id() -> String {
+    format!("node-{:08x}", rand::random::<u32>())
+}

@@ -1,0 +1,334 @@
+//! Public HTTP ingress: `Host: <agent>.<domain>` (or `<service>.<agent>.<domain>`) is carried
+//! through the agent's tunnel as one stream and the response streamed back.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix_web::body::SizedStream;
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use strait_schema::{AgentName, ErrorCode, Frame, Header, RequestHead, StreamId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::inflight::{CallerGone, InFlight, TunnelBody};
+use crate::node::NodeState;
+use crate::session::OpenStream;
+
+/// Headers that describe one connection, not the message; a proxy never forwards them
+/// (RFC 9110 §7.6.1), nor any header the `Connection` header names.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// True when a header must not cross a proxy hop, given the message's `Connection` tokens.
+pub fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
+    HOP_BY_HOP.contains(&name) || connection_tokens.iter().any(|t| t == name)
+}
+
+fn connection_tokens(headers: &header::HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// An error answer with the stable code in the body and in `x-strait-error`.
+pub fn error_response(code: ErrorCode, message: &str) -> HttpResponse {
+    let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    HttpResponse::build(status)
+        .insert_header(("x-strait-error", code.as_str()))
+        .content_type("application/json")
+        .body(serde_json::json!({ "code": code.as_str(), "message": message }).to_string())
+}
+
+/// Which agent (and service) a Host header names, if it is under our domain.
+pub fn route_host(host: &str, domain: &str) -> Option<(AgentName, String)> {
+    let host = host
+        .rsplit_once(':')
+        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h);
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let prefix = host.strip_suffix(domain)?.strip_suffix('.')?;
+    match prefix.split_once('.') {
+        None => Some((AgentName::new(prefix)?, String::new())),
+        Some((service, agent)) if strait_schema::frame::is_short_id(service) && !agent.contains('.') => {
+            Some((AgentName::new(agent)?, service.to_owned()))
+        }
+        Some(_) => None,
+    }
+}
+
+/// Unregisters a stream whose handler was dropped (caller gone) before its InFlight ran.
+struct OpenGuard(Option<(Addr<crate::session::AgentSession>, StreamId)>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if let Some((session, id)) = self.0.take() {
+            session.do_send(crate::session::CloseStream { id });
+        }
+    }
+}
+
+/// Tells the InFlight actor when the caller's handler is dropped before a head arrived.
+struct CallerGuard(Option<Addr<InFlight>>);
+
+impl Drop for CallerGuard {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.do_send(CallerGone);
+        }
+    }
+}
+
+/// The ingress handler for every path.
+pub async fn handle(req: HttpRequest, payload: web::Payload, node: web::Data<NodeState>) -> HttpResponse {
+    let node: Arc<NodeState> = node.into_inner();
+    let host = req.connection_info().host().to_owned();
+    let Some((agent, service)) = route_host(&host, &node.cfg.domain) else {
+        node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
+        return error_response(
+            ErrorCode::BadRequest,
+            &format!(
+                "host {host:?} is not served here (expected <agent>.{})",
+                node.cfg.domain
+            ),
+        );
+    };
+    let Some(session) = node.sessions.get(&agent) else {
+        node.metrics.requests.with_label_values(&["AGENT_UNAVAILABLE"]).inc();
+        return error_response(ErrorCode::AgentUnavailable, &format!("agent {agent} is not connected"));
+    };
+    let head = match request_head(&req, &host) {
+        Ok(h) => h,
+        Err(why) => {
+            node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
+            return error_response(ErrorCode::BadRequest, why);
+        }
+    };
+    let has_body = head
+        .headers
+        .iter()
+        .any(|h| h.name == "content-length" || h.name == "transfer-encoding");
+    let id = StreamId::random();
+    let head = RequestHead {
+        stream: id,
+        service,
+        ..head
+    };
+
+    let (body_tx, body_rx) = mpsc::unbounded_channel();
+    let ctx = actix::Context::<InFlight>::new();
+    let addr = ctx.address();
+    let mut open_guard = OpenGuard(Some((session.addr.clone(), id)));
+    let grant = match session
+        .addr
+        .send(OpenStream {
+            id,
+            ctl: addr.clone().recipient(),
+            body: body_tx,
+        })
+        .await
+    {
+        Ok(Ok(g)) => g,
+        Ok(Err((code, why))) => {
+            node.metrics.requests.with_label_values(&[code.as_str()]).inc();
+            return error_response(code, &why);
+        }
+        Err(_) => {
+            node.metrics.requests.with_label_values(&["AGENT_UNAVAILABLE"]).inc();
+            return error_response(ErrorCode::AgentUnavailable, &format!("agent {agent} disconnected"));
+        }
+    };
+    let (head_tx, head_rx) = oneshot::channel();
+    let mut inflight = InFlight::new(id, node.clone(), session.addr.clone(), &grant, head_tx);
+    if !grant.link.send(&Frame::RequestHead(head)) {
+        return error_response(ErrorCode::AgentUnavailable, &format!("agent {agent} disconnected"));
+    }
+    inflight.pump_body(has_body.then_some(payload), grant.limits.max_data_bytes as usize);
+    open_guard.0 = None;
+    ctx.run(inflight);
+
+    let mut guard = CallerGuard(Some(addr.clone()));
+    let res = head_rx.await;
+    guard.0 = None;
+    let head = match res {
+        Ok(Ok(h)) => h,
+        Ok(Err((code, why))) => return error_response(code, &why),
+        Err(_) => return error_response(ErrorCode::Internal, "stream ended without an answer"),
+    };
+    response(&req, head, TunnelBody::new(body_rx, &grant, id, addr))
+}
+
+/// Builds the head sent to the agent: hop-by-hop headers removed, `X-Forwarded-*` added. Body
+/// framing survives as `content-length` or `transfer-encoding: chunked`, which is how the agent
+/// knows whether a body follows.
+fn request_head(req: &HttpRequest, host: &str) -> Result<RequestHead, &'static str> {
+    let tokens = connection_tokens(req.headers());
+    let chunked = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("chunked")));
+    let mut headers = Vec::with_capacity(req.headers().len() + 3);
+    let mut xff: Option<String> = None;
+    for (name, value) in req.headers() {
+        let n = name.as_str();
+        if is_hop_by_hop(n, &tokens) || n == "expect" {
+            continue;
+        }
+        if n == "x-forwarded-for" {
+            let v = value.to_str().map_err(|_| "x-forwarded-for is not text")?;
+            xff = Some(match xff {
+                Some(prev) => format!("{prev}, {v}"),
+                None => v.to_owned(),
+            });
+            continue;
+        }
+        if n == "x-forwarded-proto" || n == "x-forwarded-host" {
+            continue;
+        }
+        headers.push(Header {
+            name: n.to_owned(),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        });
+    }
+    if chunked {
+        headers.push(Header {
+            name: "transfer-encoding".into(),
+            value: Bytes::from_static(b"chunked"),
+        });
+    }
+    let peer = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let xff = match xff {
+        Some(prev) if !peer.is_empty() => format!("{prev}, {peer}"),
+        Some(prev) => prev,
+        None => peer,
+    };
+    if !xff.is_empty() {
+        headers.push(Header {
+            name: "x-forwarded-for".into(),
+            value: Bytes::from(xff),
+        });
+    }
+    headers.push(Header {
+        name: "x-forwarded-proto".into(),
+        value: Bytes::from_static(b"http"),
+    });
+    headers.push(Header {
+        name: "x-forwarded-host".into(),
+        value: Bytes::copy_from_slice(host.as_bytes()),
+    });
+    // The agent's decoder refuses heads past these limits and would drop the whole connection,
+    // so an oversized head is refused here, for this caller only.
+    let limits = strait_schema::Limits::default();
+    let header_bytes: usize = headers.iter().map(|h| h.name.len() + h.value.len()).sum();
+    if headers.len() > limits.max_headers || header_bytes > limits.max_header_bytes {
+        return Err("request headers too large");
+    }
+    let uri = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    if uri.len() > limits.max_uri_bytes {
+        return Err("request target too long");
+    }
+    Ok(RequestHead {
+        stream: StreamId(1),
+        service: String::new(),
+        method: req.method().as_str().to_owned(),
+        uri: uri.to_owned(),
+        headers,
+    })
+}
+
+/// Turns the agent's head and the body stream into the caller's response.
+fn response(req: &HttpRequest, head: strait_schema::ResponseHead, body: TunnelBody) -> HttpResponse {
+    let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut res = HttpResponse::build(status);
+    let mut length: Option<u64> = None;
+    let tokens: Vec<String> = head
+        .headers
+        .iter()
+        .filter(|h| h.name == "connection")
+        .filter_map(|h| std::str::from_utf8(&h.value).ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    for h in &head.headers {
+        if is_hop_by_hop(&h.name, &tokens) {
+            continue;
+        }
+        if h.name == "content-length" {
+            length = std::str::from_utf8(&h.value).ok().and_then(|v| v.trim().parse().ok());
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            header::HeaderName::from_bytes(h.name.as_bytes()),
+            header::HeaderValue::from_bytes(&h.value),
+        ) {
+            res.append_header((n, v));
+        }
+    }
+    let bodyless = req.method() == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if bodyless {
+        // The agent sends Fin at once; the body actor is dropped, which ends the stream cleanly.
+        drop(body);
+        return match length {
+            // A streamed (empty) body with `no_chunking` is how actix keeps a HEAD answer's length.
+            Some(len) if req.method() == Method::HEAD => res
+                .no_chunking(len)
+                .streaming(futures_util::stream::empty::<Result<Bytes, std::io::Error>>()),
+            _ => res.body(()),
+        };
+    }
+    match length {
+        Some(len) => res.body(SizedStream::new(len, body)),
+        None => res.streaming(body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_agent_and_service_hosts_under_the_domain() {
+        let a = |s: &str| AgentName::new(s).unwrap();
+        assert_eq!(
+            route_host("alpha.localhost:8080", "localhost"),
+            Some((a("alpha"), String::new()))
+        );
+        assert_eq!(
+            route_host("Alpha.LocalHost.", "localhost"),
+            Some((a("alpha"), String::new()))
+        );
+        assert_eq!(
+            route_host("web.alpha.example.com", "example.com"),
+            Some((a("alpha"), "web".into()))
+        );
+        assert_eq!(route_host("localhost", "localhost"), None);
+        assert_eq!(route_host("alpha.evil.com", "localhost"), None);
+        assert_eq!(route_host("xalpha.localhostx", "localhost"), None);
+        assert_eq!(route_host("a.b.c.localhost", "localhost"), None);
+        assert_eq!(route_host("bad_name.localhost", "localhost"), None);
+    }
+
+    #[test]
+    fn hop_by_hop_includes_connection_tokens() {
+        let t = vec!["x-private".to_string()];
+        assert!(is_hop_by_hop("keep-alive", &t));
+        assert!(is_hop_by_hop("x-private", &t));
+        assert!(!is_hop_by_hop("content-type", &t));
+    }
+}

@@ -1,0 +1,18 @@
+//! Strait gateway node: agent sessions, HTTP ingress, ops endpoints, and the directory, store and
+//! bus they run on. A single node runs on embedded backends; a cluster swaps in Redis, RabbitMQ
+//! and Postgres behind the same traits.
+
+pub mod config;
+pub mod directory;
+pub mod error;
+pub mod inflight;
+pub mod ingress;
+pub mod metrics;
+pub mod node;
+pub mod ops;
+pub mod session;
+pub mod store;
+
+pub use config::{Backends, NodeConfig, ServeArgs, StoreArgs};
+pub use error::Error;
+pub use node::{run, Listeners, NodeState, Phase};

@@ -1,0 +1,173 @@
+//! `strait-gateway`: run a node, or manage its agents.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use strait_gateway::config::{Backends, NodeConfig, ServeArgs, StoreArgs};
+use strait_gateway::store::{now_ms, AgentRecord, SqliteStore, Store};
+use strait_gateway::{Listeners, NodeState};
+use strait_schema::{AgentName, AgentToken, Secret};
+
+#[derive(Parser)]
+#[command(
+    name = "strait-gateway",
+    version,
+    about = "Strait tunnel gateway node",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node (the default).
+    Serve(Box<ServeArgs>),
+    /// Manage agent identities.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Create an agent and print its token, once.
+    Add {
+        /// Agent name: one DNS label; the agent is reached at <name>.<domain>.
+        name: String,
+        /// Print JSON ({"agent","key_id","token"}) for scripts.
+        #[arg(long, conflicts_with = "token_only")]
+        json: bool,
+        /// Print only the token.
+        #[arg(long)]
+        token_only: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List agents.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke an agent: its next handshake is refused and a connected session is dropped.
+    Revoke {
+        /// Agent name.
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        None => serve(cli.serve),
+        Some(Cmd::Serve(a)) => serve(*a),
+        Some(Cmd::Agent(cmd)) => actix_rt::System::new().block_on(agent_cmd(cmd)),
+    }
+}
+
+fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
+    if a.database_url.is_some() {
+        anyhow::bail!("the Postgres store is not available in this build yet; use --data-dir");
+    }
+    Ok(Arc::new(SqliteStore::open(&a.data_dir).with_context(|| {
+        format!("opening store in {}", a.data_dir.display())
+    })?))
+}
+
+async fn agent_cmd(cmd: AgentCmd) -> anyhow::Result<()> {
+    match cmd {
+        AgentCmd::Add {
+            name,
+            json,
+            token_only,
+            store,
+        } => {
+            let agent = AgentName::new(&name).ok_or(strait_gateway::Error::InvalidAgentName(name))?;
+            let token = AgentToken {
+                agent: agent.clone(),
+                key_id: format!("k{:08x}", rand::random::<u32>()),
+                secret: Secret::generate(),
+            };
+            open_store(&store)?
+                .create_agent(AgentRecord {
+                    name: agent.clone(),
+                    key_id: token.key_id.clone(),
+                    secret: token.secret.clone(),
+                    created_at_ms: now_ms(),
+                    revoked_at_ms: None,
+                })
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "agent": agent.as_str(), "key_id": token.key_id, "token": token.reveal() })
+                );
+            } else if token_only {
+                println!("{}", token.reveal());
+            } else {
+                println!(
+                    "Agent {agent} created. Its token is shown once; keep it secret:\n\n  {}\n",
+                    token.reveal()
+                );
+                println!("Start it with:\n\n  strait-agent --gateway ws://127.0.0.1:7070 --token <token> --expose http://127.0.0.1:3000\n");
+            }
+        }
+        AgentCmd::List { store } => {
+            let agents = open_store(&store)?.list_agents().await?;
+            println!("{:<32} {:<12} {:<8}", "AGENT", "KEY", "STATUS");
+            for a in agents {
+                let status = if a.revoked_at_ms.is_some() { "revoked" } else { "active" };
+                println!("{:<32} {:<12} {:<8}", a.name, a.key_id, status);
+            }
+        }
+        AgentCmd::Revoke { name, store } => {
+            let agent = AgentName::new(&name).ok_or(strait_gateway::Error::InvalidAgentName(name))?;
+            open_store(&store)?.revoke_agent(&agent, now_ms()).await?;
+            println!("Agent {agent} revoked; connected sessions are dropped within seconds.");
+        }
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = NodeConfig::from_args(&args)?;
+    if let Backends::Cluster { .. } = cfg.backends {
+        anyhow::bail!("cluster mode (Redis, RabbitMQ, Postgres) is not available in this build yet");
+    }
+    let listeners = Listeners::bind(args.agent_listen, args.http_listen, args.ops_listen)?;
+    tracing::info!(
+        node = %cfg.node_id,
+        agents = %args.agent_listen,
+        http = %args.http_listen,
+        ops = %args.ops_listen,
+        domain = %cfg.domain,
+        "starting gateway node (embedded store in {})",
+        args.store.data_dir.display()
+    );
+    actix_rt::System::new().block_on(async move {
+        let state = NodeState::open(cfg)?;
+        strait_gateway::run(listeners, state, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

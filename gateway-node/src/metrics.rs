@@ -1,0 +1,96 @@
+//! Prometheus metrics of one node. Each node owns its registry (several nodes can share a test
+//! process). Labels never carry secrets, tokens or request contents.
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+
+/// The node's metrics, registered once at start.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Agents with an active session on this node.
+    pub agents_connected: IntGauge,
+    /// Handshakes by result (`ok` or a refusal code).
+    pub handshakes: IntCounterVec,
+    /// Ingress requests by outcome (`ok` or an error code).
+    pub requests: IntCounterVec,
+    /// Payload bytes through tunnels: `in` = from callers towards agents, `out` = towards callers.
+    pub bytes: IntCounterVec,
+    /// Time from request arrival to the end of the response body.
+    pub request_seconds: Histogram,
+    /// Frames from agents refused, by reason.
+    pub frames_refused: IntCounterVec,
+    /// Streams reset, by code.
+    pub resets: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let agents_connected = IntGauge::new("strait_agents_connected", "Agents with an active session on this node")
+            .unwrap_or_else(|_| unreachable_metric());
+        let handshakes = counter_vec("strait_handshakes_total", "Agent handshakes by result", "result");
+        let requests = counter_vec("strait_requests_total", "Ingress requests by outcome", "outcome");
+        let bytes = counter_vec(
+            "strait_tunnel_bytes_total",
+            "Payload bytes carried through tunnels",
+            "direction",
+        );
+        let request_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "strait_request_duration_seconds",
+                "Ingress request latency, arrival to end of body",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let frames_refused = counter_vec("strait_frames_refused_total", "Frames from agents refused", "reason");
+        let resets = counter_vec("strait_stream_resets_total", "Streams reset", "code");
+        for c in [
+            Box::new(agents_connected.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(handshakes.clone()),
+            Box::new(requests.clone()),
+            Box::new(bytes.clone()),
+            Box::new(request_seconds.clone()),
+            Box::new(frames_refused.clone()),
+            Box::new(resets.clone()),
+        ] {
+            // Names are distinct constants, so registration cannot collide.
+            let _ = registry.register(c);
+        }
+        Metrics {
+            registry,
+            agents_connected,
+            handshakes,
+            requests,
+            bytes,
+            request_seconds,
+            frames_refused,
+            resets,
+        }
+    }
+
+    /// Text exposition for `/metrics`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), &[label]).unwrap_or_else(|_| unreachable_metric())
+}
+
+/// Metric constructors only fail on invalid names, and ours are constants.
+fn unreachable_metric() -> ! {
+    unreachable!("metric definitions are constant and valid")
+}

@@ -1,0 +1,661 @@
+//! Per-agent connection actor: owns one agent WebSocket and everything that dies with it — the
+//! handshake, heartbeats, the agent's open streams and their receive-side credit accounting.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage as WsMessage, CloseCode, CloseReason, ProtocolError};
+use bytes::Bytes;
+use strait_schema::{
+    credentials, decode_bytes, encode, AgentName, ErrorCode, Frame, Hello, Limits, Pong, RefuseCode, Refused,
+    RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+
+use crate::node::{NodeState, Phase, SessionRef};
+use crate::store::now_ms;
+
+/// Path of the agent WebSocket endpoint.
+pub const AGENT_PATH: &str = "/v1/connect";
+
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What the writer task does with the agent's socket.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// One encoded frame.
+    Frame(Bytes),
+    /// Answer a WebSocket-level ping.
+    Pong(Bytes),
+    /// Close the WebSocket with this reason.
+    Close(CloseReason),
+}
+
+/// A handle that sends frames to one agent connection, in order, without going through the
+/// session actor's mailbox. Memory behind it is bounded by flow control: data frames are only sent
+/// within the agent's credit; everything else is small and rare.
+#[derive(Clone)]
+pub struct AgentLink {
+    tx: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl AgentLink {
+    /// Encodes and queues a frame. Returns false when the connection is gone.
+    pub fn send(&self, frame: &Frame) -> bool {
+        self.tx.send(Outgoing::Frame(Bytes::from(encode(frame)))).is_ok()
+    }
+}
+
+/// Events for a stream's owner (the `InFlight` actor), in arrival order.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub enum StreamEvent {
+    /// The agent's response head.
+    Head(ResponseHead),
+    /// The agent granted more credit for the request body.
+    Credit(u32),
+    /// The stream ended badly (agent reset, protocol error, agent gone).
+    Reset(ErrorCode, String),
+}
+
+/// Events for a stream's response body, in arrival order.
+#[derive(Debug)]
+pub enum BodyEvent {
+    /// Payload bytes.
+    Data(Bytes),
+    /// End of body.
+    Fin,
+    /// Aborted.
+    Reset(ErrorCode, String),
+}
+
+/// What an opened stream gets: the way to the agent, the limits, and the shared counter of
+/// credit granted to the agent (incremented by whoever consumes the body, before it sends the
+/// `Credit` frame, so the session never sees data beyond what was granted).
+pub struct StreamGrant {
+    /// Sends frames to the agent.
+    pub link: AgentLink,
+    /// Limits of this connection.
+    pub limits: WireLimits,
+    /// Total bytes the agent may have sent on this stream.
+    pub granted: Arc<AtomicU64>,
+}
+
+/// Asks an agent's session to register a new stream; the caller then sends the head itself.
+#[derive(Message)]
+#[rtype(result = "Result<StreamGrant, (ErrorCode, String)>")]
+pub struct OpenStream {
+    /// New stream id.
+    pub id: StreamId,
+    /// Receives head, credit and reset events.
+    pub ctl: Recipient<StreamEvent>,
+    /// Receives the body.
+    pub body: mpsc::UnboundedSender<BodyEvent>,
+}
+
+/// The stream's owner is done with it (finished or aborted; it already told the agent).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseStream {
+    /// Stream id.
+    pub id: StreamId,
+}
+
+/// Closes the session (revoked, replaced by a newer connection, node shutting down).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Kick {
+    /// Logged and sent as the close reason.
+    pub reason: &'static str,
+}
+
+struct StreamEntry {
+    ctl: Recipient<StreamEvent>,
+    body: mpsc::UnboundedSender<BodyEvent>,
+    granted: Arc<AtomicU64>,
+    received: u64,
+    head_seen: bool,
+}
+
+enum State {
+    AwaitingHello,
+    Verifying,
+    Active { agent: AgentName, epoch: u64 },
+    Closing,
+}
+
+/// One agent connection.
+pub struct AgentSession {
+    node: Arc<NodeState>,
+    link: AgentLink,
+    peer: Option<SocketAddr>,
+    session_id: u64,
+    state: State,
+    streams: HashMap<StreamId, StreamEntry>,
+    last_seen: Instant,
+    decode_limits: Limits,
+}
+
+/// Upgrades an agent's HTTP request to the WebSocket and starts its session actor.
+pub async fn accept(
+    req: HttpRequest,
+    body: web::Payload,
+    node: web::Data<NodeState>,
+) -> actix_web::Result<HttpResponse> {
+    if node.phase() != Phase::Ready {
+        return Ok(HttpResponse::ServiceUnavailable().body("node is not accepting agents"));
+    }
+    let (response, ws, stream) = actix_ws::handle(&req, body)?;
+    let limits = node.cfg.limits;
+    let stream = stream
+        .max_frame_size(limits.max_frame_bytes as usize)
+        .aggregate_continuations()
+        .max_continuation_size(limits.max_frame_bytes as usize);
+    let (tx, rx) = mpsc::unbounded_channel();
+    actix_rt::spawn(write_loop(ws, rx));
+    let node = node.into_inner();
+    let decode_limits = Limits {
+        max_frame_bytes: limits.max_frame_bytes as usize,
+        max_data_bytes: limits.max_data_bytes as usize,
+        ..Limits::default()
+    };
+    AgentSession::create(move |ctx| {
+        ctx.add_stream(stream);
+        AgentSession {
+            node,
+            link: AgentLink { tx },
+            peer: req.peer_addr(),
+            session_id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
+            state: State::AwaitingHello,
+            streams: HashMap::new(),
+            last_seen: Instant::now(),
+            decode_limits,
+        }
+    });
+    Ok(response)
+}
+
+/// Owns the socket's sending half; one per connection, so frames keep their order.
+async fn write_loop(mut ws: actix_ws::Session, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Outgoing::Frame(b) => {
+                if ws.binary(b).await.is_err() {
+                    return;
+                }
+            }
+            Outgoing::Pong(p) => {
+                if ws.pong(&p).await.is_err() {
+                    return;
+                }
+            }
+            Outgoing::Close(reason) => {
+                let _ = ws.close(Some(reason)).await;
+                return;
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+}
+
+impl Actor for AgentSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // A session carries many streams; its mailbox only sees control messages.
+        ctx.set_mailbox_capacity(4096);
+        ctx.run_later(self.node.cfg.handshake_timeout, |this, ctx| {
+            if matches!(this.state, State::AwaitingHello | State::Verifying) {
+                tracing::info!(peer = ?this.peer, "handshake timed out");
+                this.refuse(
+                    ctx,
+                    RefuseCode::Malformed,
+                    "no valid Hello within the handshake timeout",
+                );
+            }
+        });
+        ctx.run_interval(self.node.cfg.heartbeat, |this, ctx| this.heartbeat(ctx));
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        // Every exit path ends here, so no caller is left waiting on a dead agent.
+        let reason = "agent disconnected";
+        for (_, s) in self.streams.drain() {
+            let _ = s
+                .body
+                .send(BodyEvent::Reset(ErrorCode::AgentUnavailable, reason.into()));
+            let _ = s
+                .ctl
+                .try_send(StreamEvent::Reset(ErrorCode::AgentUnavailable, reason.into()));
+        }
+        if let State::Active { agent, epoch } = &self.state {
+            self.release(agent.clone(), *epoch);
+        }
+        let _ = self.link.tx.send(Outgoing::Close(CloseReason {
+            code: CloseCode::Normal,
+            description: None,
+        }));
+    }
+}
+
+impl AgentSession {
+    fn release(&self, agent: AgentName, epoch: u64) {
+        self.node.sessions.remove(&agent, self.session_id);
+        self.node.metrics.agents_connected.dec();
+        tracing::info!(%agent, "agent session closed");
+        let dir = self.node.directory.clone();
+        actix_rt::spawn(async move {
+            let _ = dir.release_presence(&agent, epoch).await;
+        });
+    }
+
+    fn close(&mut self, ctx: &mut Context<Self>, code: CloseCode, why: &str) {
+        let _ = self.link.tx.send(Outgoing::Close(CloseReason {
+            code,
+            description: Some(why.to_owned()),
+        }));
+        if let State::Active { agent, epoch } = std::mem::replace(&mut self.state, State::Closing) {
+            // Release here rather than in `stopped`, since state is now Closing.
+            self.drain_streams(ErrorCode::AgentUnavailable, why);
+            self.release(agent, epoch);
+        }
+        self.state = State::Closing;
+        ctx.stop();
+    }
+
+    fn drain_streams(&mut self, code: ErrorCode, why: &str) {
+        for (_, s) in self.streams.drain() {
+            let _ = s.body.send(BodyEvent::Reset(code, why.into()));
+            let _ = s.ctl.try_send(StreamEvent::Reset(code, why.into()));
+        }
+    }
+
+    fn refuse(&mut self, ctx: &mut Context<Self>, code: RefuseCode, message: &str) {
+        self.node.metrics.handshakes.with_label_values(&[code.as_str()]).inc();
+        tracing::info!(peer = ?self.peer, code = %code, %message, "handshake refused");
+        self.link.send(&Frame::Refused(Refused {
+            code,
+            message: message.to_owned(),
+        }));
+        self.close(ctx, CloseCode::Policy, code.as_str());
+    }
+
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        let State::Active { agent, epoch } = &self.state else {
+            return;
+        };
+        let hb = self.node.cfg.heartbeat;
+        let silent = self.last_seen.elapsed();
+        if silent > hb * self.node.cfg.missed_heartbeats {
+            tracing::info!(%agent, silent_ms = silent.as_millis() as u64, "agent missed its heartbeats; dropping it");
+            self.close(ctx, CloseCode::Away, "heartbeat timeout");
+            return;
+        }
+        self.link
+            .send(&Frame::Ping(strait_schema::Ping { timestamp_ms: now_ms() }));
+        let (dir, agent, epoch, ttl) = (
+            self.node.directory.clone(),
+            agent.clone(),
+            *epoch,
+            hb * (self.node.cfg.missed_heartbeats + 1),
+        );
+        ctx.spawn(
+            async move { dir.refresh_presence(&agent, epoch, ttl).await }
+                .into_actor(self)
+                .map(|res, this, ctx| {
+                    if let Ok(false) = res {
+                        tracing::info!("a newer connection of this agent took over; closing this one");
+                        this.close(ctx, CloseCode::Policy, "replaced by a newer connection");
+                    }
+                }),
+        );
+    }
+
+    fn on_hello(&mut self, ctx: &mut Context<Self>, hello: Hello) {
+        self.state = State::Verifying;
+        let node = self.node.clone();
+        let fut = async move { verify_hello(&node, &hello).await.map(|()| hello) };
+        ctx.wait(fut.into_actor(self).map(|res, this, ctx| match res {
+            Err((code, msg)) => this.refuse(ctx, code, &msg),
+            Ok(hello) => this.activate(ctx, hello),
+        }));
+    }
+
+    fn activate(&mut self, ctx: &mut Context<Self>, hello: Hello) {
+        if self.node.phase() != Phase::Ready {
+            return self.refuse(ctx, RefuseCode::Unavailable, "node is draining");
+        }
+        let node = self.node.clone();
+        let agent = hello.agent.clone();
+        let instance = hello.instance_id.clone();
+        let ttl = node.cfg.heartbeat * (node.cfg.missed_heartbeats + 1);
+        let fut = async move {
+            node.directory
+                .claim_presence(&agent, &node.cfg.node_id, &instance, ttl)
+                .await
+        };
+        ctx.wait(fut.into_actor(self).map(move |res, this, ctx| {
+            let epoch = match res {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "directory unavailable during handshake");
+                    return this.refuse(ctx, RefuseCode::Unavailable, "directory unavailable");
+                }
+            };
+            let agent = hello.agent.clone();
+            let sref = SessionRef {
+                session_id: this.session_id,
+                addr: ctx.address(),
+            };
+            if let Some(old) = this.node.sessions.insert(agent.clone(), sref) {
+                old.addr.do_send(Kick {
+                    reason: "replaced by a newer connection",
+                });
+            }
+            this.node.metrics.agents_connected.inc();
+            this.node.metrics.handshakes.with_label_values(&["ok"]).inc();
+            this.state = State::Active {
+                agent: agent.clone(),
+                epoch,
+            };
+            this.last_seen = Instant::now();
+            let cfg = &this.node.cfg;
+            this.link.send(&Frame::Welcome(Welcome {
+                node_id: cfg.node_id.clone(),
+                heartbeat_ms: cfg.heartbeat.as_millis() as u32,
+                limits: cfg.limits,
+                capabilities: Vec::new(),
+            }));
+            tracing::info!(%agent, instance = %hello.instance_id, peer = ?this.peer, epoch, "agent connected");
+        }));
+    }
+
+    fn on_frame(&mut self, ctx: &mut Context<Self>, frame: Frame) {
+        match frame {
+            Frame::Ping(p) => {
+                self.link.send(&Frame::Pong(Pong {
+                    timestamp_ms: p.timestamp_ms,
+                }));
+            }
+            Frame::Pong(_) => {}
+            Frame::ResponseHead(h) => self.on_head(h),
+            Frame::Data(d) => {
+                let Some(s) = self.streams.get_mut(&d.stream) else {
+                    return self.unknown_stream(d.stream, "data");
+                };
+                s.received += d.bytes.len() as u64;
+                if !s.head_seen || s.received > s.granted.load(Ordering::Acquire) {
+                    let why = if s.head_seen {
+                        "flow-control window exceeded"
+                    } else {
+                        "data before response head"
+                    };
+                    return self.reset_stream(d.stream, ErrorCode::ProtocolError, why);
+                }
+                self.node
+                    .metrics
+                    .bytes
+                    .with_label_values(&["out"])
+                    .inc_by(d.bytes.len() as u64);
+                let _ = s.body.send(BodyEvent::Data(d.bytes));
+            }
+            Frame::Fin(f) => match self.streams.get(&f.stream) {
+                Some(s) if s.head_seen => {
+                    let _ = s.body.send(BodyEvent::Fin);
+                }
+                Some(_) => self.reset_stream(f.stream, ErrorCode::ProtocolError, "fin before response head"),
+                None => self.unknown_stream(f.stream, "fin"),
+            },
+            Frame::Credit(c) => {
+                if let Some(s) = self.streams.get(&c.stream) {
+                    if s.ctl.try_send(StreamEvent::Credit(c.bytes)).is_err() {
+                        self.reset_stream(c.stream, ErrorCode::ProtocolError, "too many credit frames");
+                    }
+                }
+            }
+            Frame::Reset(r) => {
+                if let Some(s) = self.streams.remove(&r.stream) {
+                    self.node.metrics.resets.with_label_values(&[r.code.as_str()]).inc();
+                    let _ = s.body.send(BodyEvent::Reset(r.code, r.reason.clone()));
+                    let _ = s.ctl.try_send(StreamEvent::Reset(r.code, r.reason));
+                }
+            }
+            Frame::RequestHead(RequestHead { stream, .. }) | Frame::StreamOpen(StreamOpen { stream, .. }) => {
+                self.refuse_frame("agent_opened_stream");
+                self.link.send(&Frame::Reset(Reset {
+                    stream,
+                    code: ErrorCode::ProtocolError,
+                    reason: "agents cannot open streams".into(),
+                }));
+            }
+            Frame::Hello(_) | Frame::Welcome(_) | Frame::Refused(_) | Frame::GoAway(_) => {
+                self.refuse_frame("unexpected_control_frame");
+                self.close(ctx, CloseCode::Protocol, "unexpected control frame after handshake");
+            }
+        }
+    }
+
+    fn on_head(&mut self, h: ResponseHead) {
+        let id = h.stream;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return self.unknown_stream(id, "response_head");
+        };
+        if s.head_seen {
+            return self.reset_stream(id, ErrorCode::ProtocolError, "second response head");
+        }
+        s.head_seen = true;
+        if s.ctl.try_send(StreamEvent::Head(h)).is_err() {
+            // The caller is already gone; tell the agent so it stops sending.
+            self.reset_stream(id, ErrorCode::Reset, "caller went away");
+        }
+    }
+
+    fn refuse_frame(&self, reason: &'static str) {
+        self.node.metrics.frames_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// A frame for a stream we do not know: usually one that just ended (frames cross in flight),
+    /// so answer with a Reset the agent can drop, and never more than that.
+    fn unknown_stream(&mut self, id: StreamId, kind: &'static str) {
+        self.refuse_frame("unknown_stream");
+        tracing::debug!(stream = %id, kind, "frame for unknown stream");
+        self.link.send(&Frame::Reset(Reset {
+            stream: id,
+            code: ErrorCode::ProtocolError,
+            reason: "unknown stream".into(),
+        }));
+    }
+
+    /// Aborts one stream in both directions with a reason; its neighbours are untouched.
+    fn reset_stream(&mut self, id: StreamId, code: ErrorCode, why: &str) {
+        tracing::info!(stream = %id, %code, why, "resetting stream");
+        self.node.metrics.resets.with_label_values(&[code.as_str()]).inc();
+        self.link.send(&Frame::Reset(Reset {
+            stream: id,
+            code,
+            reason: why.to_owned(),
+        }));
+        if let Some(s) = self.streams.remove(&id) {
+            let _ = s.body.send(BodyEvent::Reset(code, why.into()));
+            let _ = s.ctl.try_send(StreamEvent::Reset(code, why.into()));
+        }
+    }
+}
+
+/// Checks a `Hello` against the store and the directory. Signature first, so an unauthenticated
+/// peer cannot burn nonces or learn anything from timing of later checks.
+async fn verify_hello(node: &NodeState, h: &Hello) -> Result<(), (RefuseCode, String)> {
+    if h.version != PROTOCOL_VERSION {
+        return Err((
+            RefuseCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported (this node speaks {PROTOCOL_VERSION})",
+                h.version
+            ),
+        ));
+    }
+    let rec = match node.store.agent(&h.agent).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err((RefuseCode::UnknownAgent, format!("no agent named {}", h.agent))),
+        Err(e) => {
+            tracing::warn!(error = %e, "store unavailable during handshake");
+            return Err((RefuseCode::Unavailable, "store unavailable".into()));
+        }
+    };
+    if rec.key_id != h.key_id {
+        return Err((
+            RefuseCode::UnknownAgent,
+            format!("agent {} has no key {}", h.agent, h.key_id),
+        ));
+    }
+    if rec.revoked_at_ms.is_some() {
+        return Err((RefuseCode::Revoked, format!("agent {} was revoked", h.agent)));
+    }
+    if !credentials::verify(&rec.secret, h) {
+        return Err((RefuseCode::BadSignature, "handshake signature does not verify".into()));
+    }
+    let skew = node.cfg.clock_skew;
+    let now = now_ms();
+    let diff = now.abs_diff(h.timestamp_ms);
+    if diff > skew.as_millis() as u64 {
+        return Err((
+            RefuseCode::ClockSkew,
+            format!("agent clock is {} ms off (allowed {} ms)", diff, skew.as_millis()),
+        ));
+    }
+    let key = format!("{}:{}", h.agent, hex::encode(h.nonce));
+    match node
+        .directory
+        .remember_nonce(&key, skew * 2 + Duration::from_secs(1))
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => Err((RefuseCode::Replay, "handshake nonce was already used".into())),
+        Err(e) => {
+            tracing::warn!(error = %e, "directory unavailable during handshake");
+            Err((RefuseCode::Unavailable, "directory unavailable".into()))
+        }
+    }
+}
+
+impl StreamHandler<Result<WsMessage, ProtocolError>> for AgentSession {
+    fn handle(&mut self, msg: Result<WsMessage, ProtocolError>, ctx: &mut Self::Context) {
+        self.last_seen = Instant::now();
+        let bytes = match msg {
+            Ok(WsMessage::Binary(b)) => b,
+            Ok(WsMessage::Ping(p)) => {
+                let _ = self.link.tx.send(Outgoing::Pong(p));
+                return;
+            }
+            Ok(WsMessage::Pong(_)) => return,
+            Ok(WsMessage::Close(reason)) => {
+                tracing::debug!(?reason, "agent closed the WebSocket");
+                self.close(ctx, CloseCode::Normal, "agent closed");
+                return;
+            }
+            Ok(WsMessage::Text(_)) => {
+                self.refuse_frame("text_message");
+                tracing::info!(peer = ?self.peer, "text WebSocket message from agent; closing");
+                return self.close_or_refuse(
+                    ctx,
+                    CloseCode::Unsupported,
+                    "text messages are not part of the protocol",
+                );
+            }
+            Err(e) => {
+                self.refuse_frame("websocket_error");
+                tracing::info!(peer = ?self.peer, error = %e, "WebSocket protocol error from agent; closing");
+                let code = if matches!(e, ProtocolError::Overflow) {
+                    CloseCode::Size
+                } else {
+                    CloseCode::Protocol
+                };
+                return self.close_or_refuse(ctx, code, "websocket protocol error");
+            }
+        };
+        let frame = match decode_bytes(bytes, &self.decode_limits) {
+            Ok(f) => f,
+            Err(e) => {
+                self.refuse_frame("malformed_frame");
+                tracing::info!(peer = ?self.peer, error = %e, "malformed frame from agent; closing");
+                return self.close_or_refuse(ctx, CloseCode::Protocol, &format!("malformed frame: {e}"));
+            }
+        };
+        match (&self.state, frame) {
+            (State::AwaitingHello, Frame::Hello(h)) => self.on_hello(ctx, h),
+            (State::AwaitingHello, _) => self.refuse(ctx, RefuseCode::Malformed, "first frame must be Hello"),
+            (State::Active { .. }, f) => self.on_frame(ctx, f),
+            (State::Verifying | State::Closing, _) => {}
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl AgentSession {
+    fn close_or_refuse(&mut self, ctx: &mut Context<Self>, code: CloseCode, why: &str) {
+        if matches!(self.state, State::AwaitingHello) {
+            self.refuse(ctx, RefuseCode::Malformed, why);
+        } else {
+            self.close(ctx, code, why);
+        }
+    }
+}
+
+impl Handler<OpenStream> for AgentSession {
+    type Result = Result<StreamGrant, (ErrorCode, String)>;
+
+    fn handle(&mut self, msg: OpenStream, _: &mut Self::Context) -> Self::Result {
+        if !matches!(self.state, State::Active { .. }) {
+            return Err((ErrorCode::AgentUnavailable, "agent is disconnecting".into()));
+        }
+        let limits = self.node.cfg.limits;
+        if self.streams.len() >= limits.max_streams as usize {
+            return Err((
+                ErrorCode::TooManyStreams,
+                format!("agent has {} streams open", self.streams.len()),
+            ));
+        }
+        if self.streams.contains_key(&msg.id) {
+            return Err((ErrorCode::Internal, "stream id collision".into()));
+        }
+        let granted = Arc::new(AtomicU64::new(u64::from(limits.stream_window)));
+        self.streams.insert(
+            msg.id,
+            StreamEntry {
+                ctl: msg.ctl,
+                body: msg.body,
+                granted: granted.clone(),
+                received: 0,
+                head_seen: false,
+            },
+        );
+        Ok(StreamGrant {
+            link: self.link.clone(),
+            limits,
+            granted,
+        })
+    }
+}
+
+impl Handler<CloseStream> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, msg: CloseStream, _: &mut Self::Context) {
+        self.streams.remove(&msg.id);
+    }
+}
+
+impl Handler<Kick> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, msg: Kick, ctx: &mut Self::Context) {
+        tracing::info!(reason = msg.reason, "closing agent session");
+        self.close(ctx, CloseCode::Policy, msg.reason);
+    }
+}

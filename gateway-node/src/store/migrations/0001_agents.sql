@@ -1,0 +1,10 @@
+-- Agents and their handshake keys. The secret is kept as-is because HMAC verification needs it;
+-- revoked agents keep their row (audit) with revoked_at_ms set.
+CREATE TABLE IF NOT EXISTS agents (
+    name          TEXT PRIMARY KEY,
+    key_id        TEXT NOT NULL,
+    secret        BLOB NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    revoked_at_ms BIGINT
+);
+CREATE INDEX IF NOT EXISTS agents_revoked_at ON agents (revoked_at_ms);

@@ -1,0 +1,55 @@
+//! Durable state: agents and their keys (later: routes, sessions, grants, audit). Behind the
+//! [`Store`] trait so a single node runs on an embedded SQLite file and a cluster on Postgres,
+//! with the same numbered migrations.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use strait_schema::{AgentName, Secret};
+
+pub use sqlite::SqliteStore;
+
+use crate::error::Error;
+
+/// Numbered migrations, applied in order at start by every store.
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[(1, "agents", include_str!("migrations/0001_agents.sql"))];
+
+/// One agent identity as stored.
+#[derive(Debug, Clone)]
+pub struct AgentRecord {
+    /// Agent name.
+    pub name: AgentName,
+    /// Id of the agent's current key.
+    pub key_id: String,
+    /// HMAC key for handshakes.
+    pub secret: Secret,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: u64,
+    /// When it was revoked, if it was.
+    pub revoked_at_ms: Option<u64>,
+}
+
+/// Durable state shared by every node of a deployment.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates an agent, or re-creates a revoked one with a fresh key. Refuses an active name.
+    async fn create_agent(&self, record: AgentRecord) -> Result<(), Error>;
+    /// Looks an agent up by name (revoked ones included, so the refusal can say "revoked").
+    async fn agent(&self, name: &AgentName) -> Result<Option<AgentRecord>, Error>;
+    /// Every agent, by name.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, Error>;
+    /// Marks an agent revoked at `at_ms`. Errors if no such agent.
+    async fn revoke_agent(&self, name: &AgentName, at_ms: u64) -> Result<(), Error>;
+    /// Agents revoked at or after `since_ms`, with when; nodes poll this to drop connected agents.
+    async fn revoked_since(&self, since_ms: u64) -> Result<Vec<(AgentName, u64)>, Error>;
+    /// Cheap round trip, for `/readyz`.
+    async fn ping(&self) -> Result<(), Error>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

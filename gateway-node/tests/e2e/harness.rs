@@ -1,0 +1,345 @@
+//! Test harness: a gateway node on ephemeral loopback ports with a temp data dir, a real HTTP
+//! backend, agents, and helpers to wait on conditions without sleeping blindly.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame as BodyFrame, Incoming};
+use hyper::{Request, Response};
+use strait_agent::{AgentConfig, AgentHandle};
+use strait_gateway::store::{now_ms, AgentRecord};
+use strait_gateway::{Listeners, NodeConfig, NodeState, Phase};
+use strait_schema::{AgentName, AgentToken, Secret};
+use tokio::net::TcpListener;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Polls `f` until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {within:?} waiting for: {what}");
+}
+
+/// Deterministic bytes: byte `i` of stream `seed`.
+pub fn pattern(seed: u64, i: u64) -> u8 {
+    let x = (i ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0x2545_F491_4F6C_DD1D);
+    (x >> 56) as u8
+}
+
+/// A streaming body of `len` pattern bytes in 64 KiB chunks, generated lazily.
+pub fn pattern_stream(
+    len: u64,
+    seed: u64,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    let chunk = 64 * 1024u64;
+    futures_util::stream::iter((0..len.div_ceil(chunk)).map(move |c| {
+        let start = c * chunk;
+        let end = (start + chunk).min(len);
+        Ok(Bytes::from((start..end).map(|i| pattern(seed, i)).collect::<Vec<u8>>()))
+    }))
+}
+
+/// Reads a response body, checking it against the pattern as it arrives; returns its length.
+pub async fn check_pattern(resp: reqwest::Response, seed: u64) -> u64 {
+    let mut pos = 0u64;
+    let mut s = resp.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.expect("body chunk");
+        for b in chunk.iter() {
+            assert_eq!(*b, pattern(seed, pos), "byte {pos} differs");
+            pos += 1;
+        }
+    }
+    pos
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// The backend the agents expose: a real HTTP/1.1 server on 127.0.0.1:0.
+///
+/// - `/echo`: streams the request body back; `x-method` and `x-uri` echo the request line.
+/// - `/inspect`: JSON of method, uri and headers (in order, repeated ones repeated).
+/// - `/status/<code>`: that status, with two `set-cookie` headers and a small body.
+/// - `/bytes/<n>?seed=S[&chunked=1]`: n pattern bytes (with or without content-length).
+/// - `/slow/<ms>`: answers after `ms`.
+/// - `/drip`: a head, then 1 KiB every 50 ms, forever.
+pub struct Backend {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(sock);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, hyper::service::service_fn(serve))
+                        .await;
+                });
+            }
+        });
+        Backend { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let param = |k: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+            .map(str::to_owned)
+    };
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (first, rest) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let resp = match first {
+        "echo" => {
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let mut b = Response::builder().header("x-method", method).header("x-uri", uri);
+            if let Some(len) = req.headers().get("content-length") {
+                b = b.header("content-length", len.clone());
+            }
+            b.body(req.into_body().map_err(std::io::Error::other).boxed()).unwrap()
+        }
+        "inspect" => {
+            let headers: Vec<(String, String)> = req
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect();
+            let j = serde_json::json!({ "method": req.method().as_str(), "uri": req.uri().to_string(), "headers": headers });
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(j.to_string()))
+                .unwrap()
+        }
+        "status" => {
+            let code: u16 = rest.parse().unwrap_or(500);
+            let body = if code == 204 || code == 304 {
+                Empty::new().map_err(|never| match never {}).boxed()
+            } else {
+                full(format!("status {code}"))
+            };
+            Response::builder()
+                .status(code)
+                .header("set-cookie", "a=1")
+                .header("set-cookie", "b=2")
+                .header("x-custom", "yes")
+                .body(body)
+                .unwrap()
+        }
+        "bytes" => {
+            let n: u64 = rest.parse().unwrap_or(0);
+            let seed: u64 = param("seed").and_then(|s| s.parse().ok()).unwrap_or(1);
+            let s = pattern_stream(n, seed).map(|r| r.map(BodyFrame::data));
+            let mut b = Response::builder();
+            if param("chunked").is_none() {
+                b = b.header("content-length", n);
+            }
+            b.body(BodyExt::boxed(StreamBody::new(s))).unwrap()
+        }
+        "slow" => {
+            let ms: u64 = rest.parse().unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Response::builder().body(full("slow")).unwrap()
+        }
+        "drip" => {
+            let s = futures_util::stream::unfold((), |()| async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Some((
+                    Ok::<_, std::io::Error>(BodyFrame::data(Bytes::from(vec![b'x'; 1024]))),
+                    (),
+                ))
+            });
+            Response::builder().body(BodyExt::boxed(StreamBody::new(s))).unwrap()
+        }
+        _ => Response::builder().status(404).body(full("no such route")).unwrap(),
+    };
+    Ok(resp)
+}
+
+/// A gateway node on ephemeral loopback ports, serving inside the test's actix system.
+pub struct TestNode {
+    pub state: Arc<NodeState>,
+    pub agent_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<actix_rt::task::JoinHandle<()>>,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl TestNode {
+    pub async fn embedded() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    /// A node with test-friendly timings, adjusted by `f`.
+    pub async fn with(f: impl FnOnce(&mut NodeConfig)) -> Self {
+        Self::in_dir(Arc::new(tempfile::tempdir().unwrap()), f).await
+    }
+
+    pub async fn in_dir(dir: Arc<tempfile::TempDir>, f: impl FnOnce(&mut NodeConfig)) -> Self {
+        let mut cfg = NodeConfig::embedded(dir.path().to_path_buf());
+        cfg.heartbeat = Duration::from_millis(500);
+        cfg.revocation_poll = Duration::from_millis(100);
+        cfg.drain_grace = Duration::from_secs(2);
+        cfg.workers = 2;
+        f(&mut cfg);
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let listeners = Listeners::bind(any, any, any).unwrap();
+        let (agent_addr, http_addr, ops_addr) = (
+            listeners.agent.local_addr().unwrap(),
+            listeners.http.local_addr().unwrap(),
+            listeners.ops.local_addr().unwrap(),
+        );
+        let state = NodeState::open(cfg).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let task = actix_rt::spawn(async move {
+            strait_gateway::run(listeners, st, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        let mut phase = state.phase.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), phase.wait_for(|p| *p == Phase::Ready))
+            .await
+            .unwrap()
+            .unwrap();
+        TestNode {
+            state,
+            agent_addr,
+            http_addr,
+            ops_addr,
+            shutdown: Some(tx),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    pub fn agent_url(&self) -> String {
+        format!("ws://{}", self.agent_addr)
+    }
+
+    /// Creates an agent identity in the node's store.
+    pub async fn add_agent(&self, name: &str) -> AgentToken {
+        let token = AgentToken {
+            agent: AgentName::new(name).unwrap(),
+            key_id: "k1".into(),
+            secret: Secret::generate(),
+        };
+        self.state
+            .store
+            .create_agent(AgentRecord {
+                name: token.agent.clone(),
+                key_id: token.key_id.clone(),
+                secret: token.secret.clone(),
+                created_at_ms: now_ms(),
+                revoked_at_ms: None,
+            })
+            .await
+            .unwrap();
+        token
+    }
+
+    /// Adds an agent, starts it exposing `upstream` as its default service, and waits for Welcome.
+    pub async fn connect_agent(&self, name: &str, upstream: &str) -> AgentHandle {
+        let token = self.add_agent(name).await;
+        let cfg = AgentConfig::new(&self.agent_url(), token)
+            .unwrap()
+            .expose(upstream)
+            .unwrap();
+        let agent = AgentHandle::spawn(cfg);
+        agent.connected(Duration::from_secs(10)).await.expect("agent connects");
+        self.wait_agent(name).await;
+        agent
+    }
+
+    /// Waits until the node has an active session for `name`.
+    pub async fn wait_agent(&self, name: &str) {
+        let a = AgentName::new(name).unwrap();
+        let st = self.state.clone();
+        eventually(Duration::from_secs(10), "agent session registered", || {
+            let ok = st.sessions.get(&a).is_some();
+            async move { ok }
+        })
+        .await;
+    }
+
+    /// An HTTP client that resolves `*.localhost` names to this node's ingress.
+    pub fn client(&self, agents: &[&str]) -> reqwest::Client {
+        let mut b = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .timeout(Duration::from_secs(120));
+        for a in agents {
+            b = b.resolve(&format!("{a}.localhost"), self.http_addr);
+        }
+        b.build().unwrap()
+    }
+
+    pub fn url(&self, agent: &str, path: &str) -> String {
+        format!("http://{agent}.localhost:{}{path}", self.http_addr.port())
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.ops_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

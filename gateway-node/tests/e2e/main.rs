@@ -1,0 +1,9 @@
+//! End-to-end tests of one gateway node: real listeners on ephemeral loopback ports, a real HTTP
+//! backend, real agents (in-process, on their own runtime), real WebSocket peers.
+
+#![allow(unreachable_pub, clippy::unwrap_used)]
+
+mod harness;
+mod http;
+mod lifecycle;
+mod protocol;

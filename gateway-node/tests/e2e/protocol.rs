@@ -1,0 +1,317 @@
+//! The agent socket under hostile or broken peers: handshake refusals, malformed frames,
+//! silence. Each case gets its specific refusal, and other agents keep working.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use strait_agent::{AgentConfig, AgentHandle, AgentStatus};
+use strait_schema::{
+    credentials, decode, encode, AgentName, AgentToken, Data, ErrorCode, Frame, Hello, Limits, RefuseCode, Secret,
+    StreamId, PROTOCOL_VERSION,
+};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::*;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn hello(token: &AgentToken, timestamp_ms: u64) -> Hello {
+    let mut h = Hello {
+        agent: token.agent.clone(),
+        instance_id: "test-1".into(),
+        key_id: token.key_id.clone(),
+        timestamp_ms,
+        nonce: rand::random(),
+        signature: [0; 32],
+        version: PROTOCOL_VERSION,
+        capabilities: vec![],
+        services: vec![],
+    };
+    h.signature = credentials::sign(&token.secret, &h);
+    h
+}
+
+async fn dial(node: &TestNode) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("{}/v1/connect", node.agent_url()))
+        .await
+        .unwrap();
+    ws
+}
+
+/// Next protocol frame, skipping pings; None when the connection closed.
+async fn next_frame(ws: &mut Ws) -> Option<Frame> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("peer went silent")
+        {
+            Some(Ok(Message::Binary(b))) => match decode(&b, &Limits::default()).unwrap() {
+                Frame::Ping(_) => continue,
+                f => return Some(f),
+            },
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Waits for the connection to be closed by the gateway (pings are skipped, other frames allowed).
+async fn closed(ws: &mut Ws) -> bool {
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return true,
+            Ok(Some(Ok(_))) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+async fn handshake(ws: &mut Ws, h: Hello) -> Frame {
+    ws.send(Message::Binary(encode(&Frame::Hello(h)).into())).await.unwrap();
+    next_frame(ws).await.expect("an answer to Hello")
+}
+
+fn refused_with(f: Frame) -> RefuseCode {
+    match f {
+        Frame::Refused(r) => r.code,
+        other => panic!("expected Refused, got {other:?}"),
+    }
+}
+
+#[actix_rt::test]
+async fn handshake_refusals_carry_their_codes() {
+    let node = TestNode::embedded().await;
+    let token = node.add_agent("alpha").await;
+    let now = strait_gateway::store::now_ms();
+
+    // Bad signature: right agent and key id, wrong secret.
+    let forged = AgentToken {
+        secret: Secret::generate(),
+        ..token.clone()
+    };
+    assert_eq!(
+        refused_with(handshake(&mut dial(&node).await, hello(&forged, now)).await),
+        RefuseCode::BadSignature
+    );
+
+    // Unknown agent.
+    let stranger = AgentToken {
+        agent: AgentName::new("stranger").unwrap(),
+        ..token.clone()
+    };
+    assert_eq!(
+        refused_with(handshake(&mut dial(&node).await, hello(&stranger, now)).await),
+        RefuseCode::UnknownAgent
+    );
+
+    // Clock skew, both ways.
+    for ts in [now - 5 * 60_000, now + 5 * 60_000] {
+        assert_eq!(
+            refused_with(handshake(&mut dial(&node).await, hello(&token, ts)).await),
+            RefuseCode::ClockSkew
+        );
+    }
+
+    // Unsupported version (correctly signed).
+    let mut h = hello(&token, now);
+    h.version = PROTOCOL_VERSION + 1;
+    h.signature = credentials::sign(&token.secret, &h);
+    assert_eq!(
+        refused_with(handshake(&mut dial(&node).await, h).await),
+        RefuseCode::UnsupportedVersion
+    );
+
+    // Replay: the same signed Hello twice.
+    let h = hello(&token, now);
+    let mut first = dial(&node).await;
+    assert!(matches!(handshake(&mut first, h.clone()).await, Frame::Welcome(_)));
+    drop(first);
+    assert_eq!(
+        refused_with(handshake(&mut dial(&node).await, h).await),
+        RefuseCode::Replay
+    );
+
+    // Revoked.
+    node.state.store.revoke_agent(&token.agent, now).await.unwrap();
+    assert_eq!(
+        refused_with(handshake(&mut dial(&node).await, hello(&token, now)).await),
+        RefuseCode::Revoked
+    );
+
+    // The first frame must be a Hello.
+    let mut ws = dial(&node).await;
+    ws.send(Message::Binary(
+        encode(&Frame::Ping(strait_schema::Ping { timestamp_ms: 1 })).into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(refused_with(next_frame(&mut ws).await.unwrap()), RefuseCode::Malformed);
+
+    let m = node.metrics().await;
+    for code in [
+        "BAD_SIGNATURE",
+        "UNKNOWN_AGENT",
+        "CLOCK_SKEW",
+        "REPLAY",
+        "REVOKED",
+        "UNSUPPORTED_VERSION",
+        "MALFORMED",
+    ] {
+        assert!(
+            m.contains(&format!("strait_handshakes_total{{result=\"{code}\"}}")),
+            "{code} not counted"
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn the_agent_reports_a_refusal() {
+    let node = TestNode::embedded().await;
+    let token = node.add_agent("alpha").await;
+    let forged = AgentToken {
+        secret: Secret::generate(),
+        ..token
+    };
+    let agent = AgentHandle::spawn(AgentConfig::new(&node.agent_url(), forged).unwrap());
+    let err = agent.connected(Duration::from_secs(10)).await.unwrap_err();
+    assert!(err.to_string().contains("BAD_SIGNATURE"), "{err}");
+    let refused =
+        matches!(&*agent.status().borrow(), AgentStatus::Refused { code, .. } if *code == RefuseCode::BadSignature);
+    let backing_off = matches!(&*agent.status().borrow(), AgentStatus::Backoff { .. });
+    assert!(refused || backing_off, "status is refused or backing off");
+    agent.kill();
+}
+
+#[actix_rt::test]
+async fn revoking_a_connected_agent_drops_it_and_refuses_it_after() {
+    let backend = Backend::start().await;
+    let node = TestNode::embedded().await;
+    let agent = node.connect_agent("alpha", &backend.url()).await;
+    let name = AgentName::new("alpha").unwrap();
+    node.state
+        .store
+        .revoke_agent(&name, strait_gateway::store::now_ms())
+        .await
+        .unwrap();
+    let st = node.state.clone();
+    eventually(Duration::from_secs(5), "revoked agent dropped", || {
+        let gone = st.sessions.get(&name).is_none();
+        async move { gone }
+    })
+    .await;
+    let mut status = agent.status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| matches!(s, AgentStatus::Refused { code, .. } if *code == RefuseCode::Revoked)),
+    )
+    .await
+    .expect("agent sees REVOKED on its next handshake")
+    .unwrap();
+    agent.kill();
+}
+
+/// Connects a hand-driven agent that completed the handshake.
+async fn raw_agent(node: &TestNode, name: &str) -> Ws {
+    let token = node.add_agent(name).await;
+    let mut ws = dial(node).await;
+    assert!(matches!(
+        handshake(&mut ws, hello(&token, strait_gateway::store::now_ms())).await,
+        Frame::Welcome(_)
+    ));
+    ws
+}
+
+#[actix_rt::test]
+async fn malformed_input_closes_only_the_offending_connection() {
+    let backend = Backend::start().await;
+    let node = TestNode::embedded().await;
+    let _good = node.connect_agent("good", &backend.url()).await;
+    let c = node.client(&["good"]);
+
+    // Random bytes before the handshake: refused as malformed.
+    let mut ws = dial(&node).await;
+    ws.send(Message::Binary(
+        (0..200).map(|_| rand::random::<u8>()).collect::<Vec<u8>>().into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(refused_with(next_frame(&mut ws).await.unwrap()), RefuseCode::Malformed);
+
+    // After the handshake: random bytes, truncated Cap'n Proto, oversized frame, a text message.
+    let valid = encode(&Frame::Data(Data {
+        stream: StreamId(7),
+        bytes: vec![1u8; 100].into(),
+    }));
+    let cases: Vec<(&str, Message)> = vec![
+        (
+            "random",
+            Message::Binary((0..300).map(|_| rand::random::<u8>()).collect::<Vec<u8>>().into()),
+        ),
+        ("truncated", Message::Binary(valid[..valid.len() / 2].to_vec().into())),
+        ("oversized", Message::Binary(vec![0u8; 2 << 20].into())),
+        ("text", Message::Text("hello".into())),
+    ];
+    for (i, (what, msg)) in cases.into_iter().enumerate() {
+        let mut ws = raw_agent(&node, &format!("bad{i}")).await;
+        let _ = ws.send(msg).await;
+        assert!(closed(&mut ws).await, "{what}: connection not closed");
+        let res = c.get(node.url("good", "/bytes/100?seed=1")).send().await.unwrap();
+        assert_eq!(check_pattern(res, 1).await, 100, "{what}: the good agent was disturbed");
+    }
+
+    // Frames naming unknown streams get a Reset with a reason; the connection stays up.
+    let mut ws = raw_agent(&node, "stray").await;
+    ws.send(Message::Binary(valid.into())).await.unwrap();
+    match next_frame(&mut ws).await.unwrap() {
+        Frame::Reset(r) => {
+            assert_eq!(r.stream, StreamId(7));
+            assert_eq!(r.code, ErrorCode::ProtocolError);
+            assert!(r.reason.contains("unknown stream"));
+        }
+        f => panic!("expected Reset, got {f:?}"),
+    }
+    ws.send(Message::Binary(
+        encode(&Frame::Ping(strait_schema::Ping { timestamp_ms: 42 })).into(),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(next_frame(&mut ws).await, Some(Frame::Pong(p)) if p.timestamp_ms == 42));
+
+    let m = node.metrics().await;
+    for reason in ["malformed_frame", "text_message", "unknown_stream"] {
+        assert!(
+            m.contains(&format!("strait_frames_refused_total{{reason=\"{reason}\"}}")),
+            "{reason} not counted:\n{m}"
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn a_silent_agent_is_dropped_and_its_callers_answered() {
+    let node = TestNode::with(|c| c.heartbeat = Duration::from_millis(100)).await;
+    let mut ws = raw_agent(&node, "mute").await;
+    let c = node.client(&["mute"]);
+    // The caller's request reaches the silent agent, which never answers anything again.
+    let req = tokio::spawn(async move {
+        let started = Instant::now();
+        let res = c
+            .get(format!("http://mute.localhost:{}/", node.http_addr.port()))
+            .send()
+            .await
+            .unwrap();
+        (
+            res.status(),
+            res.headers().get("x-strait-error").cloned(),
+            started.elapsed(),
+            node,
+        )
+    });
+    // Read (and ignore) frames without answering pings, until the gateway gives up on us.
+    assert!(closed(&mut ws).await, "silent agent was not dropped");
+    let (status, code, took, _node) = req.await.unwrap();
+    assert_eq!(status, 502);
+    assert_eq!(code.unwrap(), "AGENT_UNAVAILABLE");
+    assert!(took < Duration::from_secs(3), "caller waited {took:?}");
+}

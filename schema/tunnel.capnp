@@ -1,0 +1,138 @@
+# Strait tunnel protocol: one `Frame` per WebSocket binary message between agent and node, and the
+# same frames wrapped in a `BusEnvelope` between nodes.
+#
+# The Rust types in `schema/src/frame.rs` are the source of truth; `schema/src/codec.rs` maps them
+# to and from these structs and validates every field on the way in. The generated Rust code is
+# committed as `schema/src/tunnel_capnp.rs` so builds do not need the `capnp` tool; a test in the
+# crate regenerates it and fails when this file and the committed code drift apart.
+#
+# Evolution rules: never renumber or retype a field; add fields with new ordinals only. Enumerated
+# codes travel as UInt16 wire values (not capnp enums) so that a value this build does not know is
+# refused with a typed error naming the field, instead of a generic "not in schema" read error.
+
+@0xaf0d7de6595722b1;
+
+struct Frame {
+  union {
+    hello @0 :Hello;
+    welcome @1 :Welcome;
+    refused @2 :Refused;
+    ping @3 :Ping;
+    pong @4 :Pong;
+    requestHead @5 :RequestHead;
+    responseHead @6 :ResponseHead;
+    streamOpen @7 :StreamOpen;
+    data @8 :DataFrame;
+    credit @9 :Credit;
+    fin @10 :Fin;
+    reset @11 :Reset;
+    goAway @12 :GoAway;
+  }
+}
+
+# Wire values of `ServiceKind` (the `kind` field of `ServiceDecl`).
+const serviceKindHttp :UInt16 = 0;
+const serviceKindTcp :UInt16 = 1;
+
+struct ServiceDecl {
+  name @0 :Text;     # "" for the default HTTP service, else a short id
+  kind @1 :UInt16;   # serviceKindHttp | serviceKindTcp
+}
+
+struct Hello {
+  agent @0 :Text;          # DNS label
+  instanceId @1 :Text;     # short id
+  keyId @2 :Text;          # short id
+  timestampMs @3 :UInt64;
+  nonce @4 :Data;          # exactly 16 bytes
+  signature @5 :Data;      # exactly 32 bytes (HMAC-SHA256)
+  version @6 :UInt16;
+  capabilities @7 :List(Text);
+  services @8 :List(ServiceDecl);
+}
+
+struct WireLimits {
+  maxFrameBytes @0 :UInt32;
+  maxDataBytes @1 :UInt32;
+  streamWindow @2 :UInt32;
+  maxStreams @3 :UInt32;
+}
+
+struct Welcome {
+  nodeId @0 :Text;
+  heartbeatMs @1 :UInt32;
+  limits @2 :WireLimits;
+  capabilities @3 :List(Text);
+}
+
+struct Refused {
+  code @0 :UInt16;         # RefuseCode wire value
+  message @1 :Text;
+}
+
+struct Ping {
+  timestampMs @0 :UInt64;
+}
+
+struct Pong {
+  timestampMs @0 :UInt64;
+}
+
+struct Header {
+  name @0 :Text;           # lowercase token
+  value @1 :Data;          # no CR, LF or NUL
+}
+
+struct RequestHead {
+  stream @0 :UInt64;
+  service @1 :Text;
+  method @2 :Text;
+  uri @3 :Text;
+  headers @4 :List(Header);
+}
+
+struct ResponseHead {
+  stream @0 :UInt64;
+  status @1 :UInt16;
+  headers @2 :List(Header);
+}
+
+struct StreamOpen {
+  stream @0 :UInt64;
+  service @1 :Text;
+}
+
+# Named `DataFrame` because a struct called `Data` would shadow the built-in `Data` type.
+struct DataFrame {
+  stream @0 :UInt64;
+  bytes @1 :Data;
+}
+
+struct Credit {
+  stream @0 :UInt64;
+  bytes @1 :UInt32;
+}
+
+struct Fin {
+  stream @0 :UInt64;
+}
+
+struct Reset {
+  stream @0 :UInt64;
+  code @1 :UInt16;         # ErrorCode wire value
+  reason @2 :Text;
+}
+
+struct GoAway {
+  reason @0 :Text;
+}
+
+struct BusEnvelope {
+  fromNode @0 :Text;
+  toNode @1 :Text;
+  seq @2 :UInt64;
+  traceParent @3 :Text;    # "" or a W3C traceparent
+  agent @4 :Text;          # DNS label
+  epoch @5 :UInt64;
+  frame @6 :Frame;
+}
