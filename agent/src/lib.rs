@@ -160,7 +160,7 @@ pub(crate) async fn supervise(
                 }
             }
             Err(Error::Refused { code, message }) => {
-                tracing::warn!("refused by gateway: {code} {message}");
+                tracing::info!("refused by gateway: {code} {message}");
                 status.send_replace(AgentStatus::Refused { code, message });
                 let delay = if code.is_final() {
                     backoff.cap()
