@@ -3,6 +3,9 @@
 //!
 //! A faithful proxy: no redirects followed, no decompression, headers passed through in order
 //! (only `Host` is rewritten to the local authority; the original is in `x-forwarded-host`).
+//!
+//! Upgrade requests (WebSocket) pass through too: after `101 Switching Protocols` the stream
+//! carries raw bytes both ways, like a TCP stream (see [`upgrade`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,18 +14,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::{HeaderMap, Method, Request, StatusCode, Uri};
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame as BodyFrame, SizeHint};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Either, Empty};
+use hyper::body::{Body, Frame as BodyFrame, Incoming, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use strait_schema::{ErrorCode, Frame, Header, RequestHead, ResponseHead};
 use tokio::sync::mpsc;
 
 use crate::config::HttpTarget;
-use crate::flow::{Inbound, RecvCredit, SendError, StreamCtx};
+use crate::flow::{Inbound, RecvCredit, SendError, StreamCtx, StreamSender};
+use crate::tcp_fwd;
 
 /// Bound on dialling a local service; it is local, so anything slower is as good as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,9 +36,13 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 type Connector = HttpsConnector<HttpConnector>;
 
+/// What the local service receives as a request body: the gateway's `Data` for ordinary
+/// requests, nothing for upgrade requests (their `Data` are post-upgrade bytes, kept for later).
+type RequestBody = Either<InboundBody, Empty<Bytes>>;
+
 /// One local HTTP service with its own keep-alive pool, shared by every connection of the agent.
 pub(crate) struct HttpUpstream {
-    client: Client<Connector, InboundBody>,
+    client: Client<Connector, RequestBody>,
     target: HttpTarget,
 }
 
@@ -60,49 +68,121 @@ impl HttpUpstream {
 /// Runs one HTTP exchange to completion. Every exit path leaves the gateway with either a
 /// complete response (`Fin`) or a `Reset`.
 pub(crate) async fn exchange(ctx: StreamCtx, head: RequestHead, upstream: Arc<HttpUpstream>) {
+    let framing = match Framing::of(&head.headers) {
+        Ok(f) => f,
+        Err(why) => return ctx.tx.reset(ErrorCode::BadRequest, why).await,
+    };
+    if is_upgrade(&head.headers) {
+        // The stream's `Data` are post-upgrade bytes, so a request body would be ambiguous.
+        if framing != Framing::Empty {
+            return ctx
+                .tx
+                .reset(ErrorCode::BadRequest, "an upgrade request must not carry a body")
+                .await;
+        }
+        return upgrade(ctx, head, upstream).await;
+    }
     let StreamCtx {
         tx,
         recv_credit,
         inbound,
     } = ctx;
-    let framing = match Framing::of(&head.headers) {
-        Ok(f) => f,
-        Err(why) => return tx.reset(ErrorCode::BadRequest, why).await,
-    };
     let body = InboundBody {
         rx: inbound,
         credit: recv_credit,
         framing,
         done: false,
     };
-    let req = match build_request(&upstream.target, &head, body) {
-        Ok(r) => r,
-        Err(why) => return tx.reset(ErrorCode::BadRequest, &why).await,
+    if let Some(resp) = send_request(&tx, &upstream, &head, Either::Left(body)).await {
+        respond(&tx, &head.method, resp, &upstream.target).await;
+    }
+}
+
+/// An upgrade request (WebSocket and the like). The gateway's `Data` frames are the client's
+/// post-upgrade bytes; they may arrive before the service answered, and wait in `inbound`
+/// uncredited, so the receive window bounds them.
+///
+/// On `101 Switching Protocols` the connection to the service leaves hyper and becomes a byte
+/// stream, [`tcp_fwd::relay`]ed exactly like a TCP service. Hyper-util's pool never gets it back:
+/// the upgraded connection's sender reports closed, and a closed connection is not re-pooled.
+/// Any other answer is an ordinary response, and whatever the client sent is discarded (with
+/// its credit returned, so the gateway is never stalled by bytes nobody will read).
+async fn upgrade(ctx: StreamCtx, head: RequestHead, upstream: Arc<HttpUpstream>) {
+    let StreamCtx {
+        tx,
+        mut recv_credit,
+        mut inbound,
+    } = ctx;
+    let Some(mut resp) = send_request(&tx, &upstream, &head, Either::Right(Empty::new())).await else {
+        return;
     };
-    let resp = match upstream.client.request(req).await {
-        Ok(r) => r,
+    let authority = upstream.target.authority.as_str();
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let discard = async {
+            while let Some(Inbound::Data(bytes)) = inbound.recv().await {
+                recv_credit.consumed(bytes.len());
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = respond(&tx, &head.method, resp, &upstream.target) => {}
+            () = discard => {}
+        }
+        return;
+    }
+    let upgraded = hyper::upgrade::on(&mut resp);
+    if !send_head(&tx, resp.status(), switching_headers(resp.headers())).await {
+        return;
+    }
+    drop(resp);
+    let io = match upgraded.await {
+        Ok(io) => TokioIo::new(io),
         Err(e) => {
-            let reason = describe_client_error(&e, upstream.target.authority.as_str());
-            tracing::debug!(stream = %tx.id, %reason, "local HTTP request failed");
+            let reason = format!("local service failed to switch protocols ({authority}): {e}");
             return tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
         }
     };
-    let (parts, mut body) = resp.into_parts();
-    let head_frame = Frame::ResponseHead(ResponseHead {
-        stream: tx.id,
-        status: parts.status.as_u16(),
-        headers: response_headers(&parts.headers),
-    });
-    match tx.frame(&head_frame).await {
-        Ok(()) => {}
-        Err(SendError::Gone) => return,
-        Err(SendError::TooLarge) => {
-            return tx
-                .reset(ErrorCode::Internal, "response head from local service is too large")
-                .await
+    let (rd, wr) = tokio::io::split(io);
+    let ctx = StreamCtx {
+        tx,
+        recv_credit,
+        inbound,
+    };
+    tcp_fwd::relay(ctx, rd, wr, authority).await;
+}
+
+/// Sends the request to the local service. On failure the stream is reset and `None` returned.
+async fn send_request(
+    tx: &StreamSender,
+    upstream: &HttpUpstream,
+    head: &RequestHead,
+    body: RequestBody,
+) -> Option<Response<Incoming>> {
+    let req = match build_request(&upstream.target, head, body) {
+        Ok(r) => r,
+        Err(why) => {
+            tx.reset(ErrorCode::BadRequest, &why).await;
+            return None;
+        }
+    };
+    match upstream.client.request(req).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            let reason = describe_client_error(&e, upstream.target.authority.as_str());
+            tracing::debug!(stream = %tx.id, %reason, "local HTTP request failed");
+            tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
+            None
         }
     }
-    if has_body(&head.method, parts.status) {
+}
+
+/// Forwards an ordinary response: head without hop-by-hop headers, body, `Fin`.
+async fn respond(tx: &StreamSender, method: &str, resp: Response<Incoming>, target: &HttpTarget) {
+    let (parts, mut body) = resp.into_parts();
+    if !send_head(tx, parts.status, response_headers(&parts.headers)).await {
+        return;
+    }
+    if has_body(method, parts.status) {
         loop {
             match body.frame().await {
                 None => break,
@@ -114,13 +194,64 @@ pub(crate) async fn exchange(ctx: StreamCtx, head: RequestHead, upstream: Arc<Ht
                     }
                 }
                 Some(Err(e)) => {
-                    let reason = format!("local service failed mid-body ({}): {e}", upstream.target.authority);
+                    let reason = format!("local service failed mid-body ({}): {e}", target.authority);
                     return tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
                 }
             }
         }
     }
     let _ = tx.fin().await;
+}
+
+/// Sends `ResponseHead`; `false` if the stream cannot go on (it was reset if there is a reason
+/// to give).
+async fn send_head(tx: &StreamSender, status: StatusCode, headers: Vec<Header>) -> bool {
+    let head = Frame::ResponseHead(ResponseHead {
+        stream: tx.id,
+        status: status.as_u16(),
+        headers,
+    });
+    match tx.frame(&head).await {
+        Ok(()) => true,
+        Err(SendError::Gone) => false,
+        Err(SendError::TooLarge) => {
+            tx.reset(ErrorCode::Internal, "response head from local service is too large")
+                .await;
+            false
+        }
+    }
+}
+
+/// True when the request asks to switch protocols: an `upgrade` header and the `upgrade` token
+/// in `connection` (RFC 9110 §7.8 requires both; either alone is not an upgrade).
+pub(crate) fn is_upgrade(headers: &[Header]) -> bool {
+    let has_upgrade = headers.iter().any(|h| h.name == "upgrade");
+    let connection_names_it = headers.iter().filter(|h| h.name == "connection").any(|h| {
+        std::str::from_utf8(&h.value)
+            .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .unwrap_or(false)
+    });
+    has_upgrade && connection_names_it
+}
+
+/// Headers of a `101 Switching Protocols`, for the gateway to replay to its client: unlike
+/// [`response_headers`], `connection`, `upgrade` and what they name (`sec-websocket-*`) stay,
+/// because the client needs them to complete its side of the switch. Only headers that make no
+/// sense on a bodiless response that ends HTTP on this hop are dropped.
+pub(crate) fn switching_headers(map: &HeaderMap) -> Vec<Header> {
+    map.iter()
+        .filter(|(name, _)| {
+            let n = name.as_str();
+            !(n == CONTENT_LENGTH.as_str()
+                || n == TRANSFER_ENCODING.as_str()
+                || matches!(n, "keep-alive" | "te" | "trailer")
+                || n.starts_with("proxy-"))
+        })
+        .map(|(name, value)| Header {
+            name: name.as_str().to_owned(),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        })
+        .collect()
 }
 
 /// Responses that never carry a body, whatever their headers say.
@@ -423,6 +554,34 @@ mod tests {
                 ("set-cookie".into(), Bytes::from_static(b"b=2")),
             ]
         );
+    }
+
+    #[test]
+    fn upgrade_needs_the_header_and_the_connection_token() {
+        assert!(is_upgrade(&[h("upgrade", "websocket"), h("connection", "Upgrade")]));
+        assert!(is_upgrade(&[
+            h("connection", "keep-alive"),
+            h("connection", "x, UPGRADE "),
+            h("upgrade", "websocket"),
+        ]));
+        assert!(!is_upgrade(&[h("upgrade", "websocket")]));
+        assert!(!is_upgrade(&[h("connection", "upgrade")]));
+        assert!(!is_upgrade(&[
+            h("upgrade", "websocket"),
+            h("connection", "upgraded, keep-alive")
+        ]));
+    }
+
+    #[test]
+    fn switching_protocols_keeps_upgrade_headers() {
+        let mut map = HeaderMap::new();
+        map.append("upgrade", "websocket".parse().unwrap());
+        map.append("connection", "Upgrade".parse().unwrap());
+        map.append("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".parse().unwrap());
+        map.append("keep-alive", "timeout=5".parse().unwrap());
+        map.append("content-length", "0".parse().unwrap());
+        let names: Vec<_> = switching_headers(&map).into_iter().map(|h| h.name).collect();
+        assert_eq!(names, vec!["upgrade", "connection", "sec-websocket-accept"]);
     }
 
     #[test]

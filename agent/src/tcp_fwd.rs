@@ -1,11 +1,12 @@
 //! Byte-stream forwarding: a `StreamOpen` for a TCP service becomes one local TCP connection,
-//! pumped both ways under the stream's credit, with half-close in each direction.
+//! pumped both ways under the stream's credit, with half-close in each direction. [`relay`] is
+//! also what carries an HTTP connection once it switched protocols (see `http_fwd`).
 
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use strait_schema::ErrorCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::TcpTarget;
@@ -14,17 +15,9 @@ use crate::flow::{Inbound, StreamCtx};
 /// Bound on dialling a local service.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Dials the service and pumps until both directions finished, or resets the stream.
-///
-/// Gateway `Fin` shuts down our write half (the service sees EOF) while we keep reading; the
-/// service's EOF becomes our `Fin`. Bytes from the gateway count as consumed once written to
-/// the socket.
+/// Dials the service and [`relay`]s until both directions finished, or resets the stream.
 pub(crate) async fn pump(ctx: StreamCtx, target: TcpTarget) {
-    let StreamCtx {
-        tx,
-        mut recv_credit,
-        mut inbound,
-    } = ctx;
+    let tx = &ctx.tx;
     let addr = target.addr();
     let sock =
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((target.host.as_str(), target.port))).await {
@@ -55,7 +48,29 @@ pub(crate) async fn pump(ctx: StreamCtx, target: TcpTarget) {
             }
         };
     let _ = sock.set_nodelay(true);
-    let (mut rd, mut wr) = sock.into_split();
+    let (rd, wr) = sock.into_split();
+    relay(ctx, rd, wr, &addr).await;
+}
+
+/// Pumps one stream's bytes both ways between the gateway and a local byte stream (a TCP
+/// connection, or an HTTP connection after `101 Switching Protocols`) until both directions
+/// finished, or resets the stream with `SERVICE_UNAVAILABLE`.
+///
+/// Takes the two halves separately so a TCP socket can use its lock-free `into_split`, while
+/// any other `AsyncRead + AsyncWrite` goes through `tokio::io::split`. Gateway `Fin` shuts down
+/// the write half (the service sees EOF) while reading goes on; the service's EOF becomes our
+/// `Fin`. Bytes from the gateway count as consumed (and are credited back) once written out,
+/// including bytes that were buffered before `relay` started.
+pub(crate) async fn relay<R, W>(ctx: StreamCtx, mut rd: R, mut wr: W, peer: &str)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let StreamCtx {
+        tx,
+        mut recv_credit,
+        mut inbound,
+    } = ctx;
 
     let to_local = async {
         loop {
@@ -63,7 +78,7 @@ pub(crate) async fn pump(ctx: StreamCtx, target: TcpTarget) {
                 Some(Inbound::Data(bytes)) => {
                     wr.write_all(&bytes)
                         .await
-                        .map_err(|e| format!("write to local service failed ({addr}): {e}"))?;
+                        .map_err(|e| format!("write to local service failed ({peer}): {e}"))?;
                     recv_credit.consumed(bytes.len());
                 }
                 Some(Inbound::Fin) => {
@@ -89,7 +104,7 @@ pub(crate) async fn pump(ctx: StreamCtx, target: TcpTarget) {
                 let mut limited = (&mut buf).limit(n);
                 rd.read_buf(&mut limited)
                     .await
-                    .map_err(|e| format!("read from local service failed ({addr}): {e}"))?
+                    .map_err(|e| format!("read from local service failed ({peer}): {e}"))?
             };
             tx.credit.give_back(n - got);
             if got == 0 {

@@ -777,3 +777,278 @@ async fn silent_gateway_is_dropped_after_three_heartbeats() {
     drop(ws);
     agent.kill();
 }
+
+/// A local WebSocket service (tokio-tungstenite): echoes text and binary messages, answers a
+/// close, and reports the `Host` it saw in an `x-seen-host` header of its 101.
+async fn ws_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let seen_host = |req: &WsRequest, mut resp: WsResponse| {
+                    if let Some(host) = req.headers().get("host") {
+                        resp.headers_mut().insert("x-seen-host", host.clone());
+                    }
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(sock, seen_host).await else {
+                    return;
+                };
+                // Reading on after a close flushes tungstenite's close reply, then ends the loop;
+                // dropping the stream closes the TCP connection, as a server does.
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A client WebSocket frame (FIN set, masked as RFC 6455 requires of clients).
+fn ws_client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask: [u8; 4] = rand::random();
+    let mut out = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Takes one complete server frame (`(opcode, payload)`) off the front of `buf`, if there is one.
+fn ws_server_frame(buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    assert_eq!(buf[0] & 0x80, 0x80, "expected unfragmented frames");
+    assert_eq!(buf[1] & 0x80, 0, "server frames must not be masked");
+    let (len, at) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    if buf.len() < at + len {
+        return None;
+    }
+    let opcode = buf[0] & 0x0f;
+    let payload = buf[at..at + len].to_vec();
+    buf.drain(..at + len);
+    Some((opcode, payload))
+}
+
+/// The scripted gateway's side of one upgraded stream: sends under the agent's credit, credits
+/// back everything the agent sends, and collects it.
+struct Upgraded<'a> {
+    ws: &'a mut Ws,
+    stream: StreamId,
+    credit: usize,
+    received: Vec<u8>,
+    fin: bool,
+}
+
+impl<'a> Upgraded<'a> {
+    fn new(ws: &'a mut Ws, stream: StreamId) -> Self {
+        Upgraded {
+            ws,
+            stream,
+            credit: WINDOW as usize,
+            received: Vec::new(),
+            fin: false,
+        }
+    }
+
+    /// Handles one frame from the agent for this stream; returns any `ResponseHead`.
+    async fn step(&mut self) -> Option<strait_schema::ResponseHead> {
+        match next(self.ws).await {
+            Frame::Credit(c) if c.stream == self.stream => self.credit += c.bytes as usize,
+            Frame::Data(d) if d.stream == self.stream => {
+                assert!(!self.fin, "Data after Fin");
+                assert!(d.bytes.len() as u32 <= MAX_DATA, "Data frame over max_data_bytes");
+                self.received.extend_from_slice(&d.bytes);
+                let credit = Frame::Credit(Credit {
+                    stream: self.stream,
+                    bytes: d.bytes.len() as u32,
+                });
+                send(self.ws, credit).await;
+            }
+            Frame::Fin(f) if f.stream == self.stream => self.fin = true,
+            Frame::ResponseHead(h) if h.stream == self.stream => return Some(h),
+            other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
+        }
+        None
+    }
+
+    async fn head(&mut self) -> strait_schema::ResponseHead {
+        loop {
+            if let Some(h) = self.step().await {
+                return h;
+            }
+        }
+    }
+
+    /// Sends `bytes` as `Data`, never beyond the credit the agent granted.
+    async fn send(&mut self, bytes: &[u8]) {
+        let mut sent = 0;
+        while sent < bytes.len() {
+            if self.credit == 0 {
+                assert!(self.step().await.is_none());
+                continue;
+            }
+            let n = (bytes.len() - sent).min(MAX_DATA as usize).min(self.credit);
+            let data = Frame::Data(Data {
+                stream: self.stream,
+                bytes: Bytes::copy_from_slice(&bytes[sent..sent + n]),
+            });
+            send(self.ws, data).await;
+            sent += n;
+            self.credit -= n;
+        }
+    }
+
+    async fn ws_frame(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            if let Some(frame) = ws_server_frame(&mut self.received) {
+                return frame;
+            }
+            assert!(!self.fin, "Fin before a complete WebSocket frame");
+            assert!(self.step().await.is_none());
+        }
+    }
+}
+
+fn upgrade_request(stream: StreamId, service: &str, uri: &str, key: &str) -> Frame {
+    Frame::RequestHead(RequestHead {
+        stream,
+        service: service.into(),
+        method: "GET".into(),
+        uri: uri.into(),
+        headers: vec![
+            header("host", "alpha.example.com"),
+            header("connection", "Upgrade"),
+            header("upgrade", "websocket"),
+            header("sec-websocket-key", key),
+            header("sec-websocket-version", "13"),
+        ],
+    })
+}
+
+/// One WebSocket conversation through the agent, ending with the close handshake and `Fin` both
+/// ways. The first message is sent before the 101 arrives, as a client may do.
+async fn websocket_session(ws: &mut Ws, stream: StreamId, service_addr: SocketAddr) {
+    use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+    let key = generate_key();
+    send(ws, upgrade_request(stream, "ws", "/chat", &key)).await;
+    let mut up = Upgraded::new(ws, stream);
+    up.send(&ws_client_frame(0x1, b"early hello")).await;
+
+    let head = up.head().await;
+    assert_eq!(head.status, 101);
+    assert_eq!(
+        value(&head.headers, "sec-websocket-accept"),
+        vec![derive_accept_key(key.as_bytes()).as_bytes()]
+    );
+    let lower = |name| {
+        value(&head.headers, name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v).to_ascii_lowercase())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lower("upgrade"), vec!["websocket"]);
+    assert_eq!(lower("connection"), vec!["upgrade"]);
+    assert_eq!(
+        value(&head.headers, "x-seen-host"),
+        vec![service_addr.to_string().as_bytes()]
+    );
+
+    assert_eq!(up.ws_frame().await, (0x1, b"early hello".to_vec()));
+    // Larger than the window both ways, so credit must flow in each direction.
+    let big = seeded(150 << 10, 3);
+    up.send(&ws_client_frame(0x2, &big)).await;
+    assert_eq!(up.ws_frame().await, (0x2, big));
+    up.send(&ws_client_frame(0x1, "ünïcode".as_bytes())).await;
+    assert_eq!(up.ws_frame().await, (0x1, "ünïcode".as_bytes().to_vec()));
+
+    up.send(&ws_client_frame(0x8, &1000u16.to_be_bytes())).await;
+    let (opcode, payload) = up.ws_frame().await;
+    assert_eq!(opcode, 0x8);
+    assert_eq!(payload[..2], 1000u16.to_be_bytes());
+    send(up.ws, Frame::Fin(Fin { stream })).await;
+    // The service closes TCP after the close handshake: its EOF comes back as our Fin.
+    while !up.fin {
+        assert!(up.step().await.is_none());
+    }
+    assert!(up.received.is_empty(), "bytes after the close frame");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through_and_plain_answers_stay_ordinary() {
+    let http = http_upstream().await;
+    let wsd = ws_echo().await;
+    let (agent, listener, _) = start(&[format!("http://{http}/base"), format!("ws=http://{wsd}")]).await;
+    let (mut ws, _) = accept(&listener).await;
+    assert!(matches!(next(&mut ws).await, Frame::Hello(_)));
+    send(&mut ws, welcome()).await;
+    agent.connected(STEP).await.unwrap();
+
+    // Twice on the same service: the upgraded connection must not come back from the pool.
+    websocket_session(&mut ws, StreamId(1), wsd).await;
+    websocket_session(&mut ws, StreamId(2), wsd).await;
+    // The streams are finished: nothing more (no Reset) arrives for them.
+    assert_eq!(next_within(&mut ws, Duration::from_millis(300)).await, None);
+
+    // A service that does not upgrade: an ordinary response, and the client's early bytes are
+    // neither forwarded as a body nor left uncredited.
+    let s = StreamId(3);
+    send(&mut ws, upgrade_request(s, "", "/echo", "dGhlIHNhbXBsZSBub25jZQ==")).await;
+    let mut up = Upgraded::new(&mut ws, s);
+    up.send(&seeded(WINDOW as usize, 9)).await;
+    let head = up.head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(value(&head.headers, "x-seen-target"), vec![b"/base/echo".as_ref()]);
+    assert!(value(&head.headers, "upgrade").is_empty());
+    assert!(value(&head.headers, "connection").is_empty());
+    while !up.fin {
+        assert!(up.step().await.is_none());
+    }
+    assert!(
+        up.received.is_empty(),
+        "the service saw a body: {:?}",
+        up.received.len()
+    );
+
+    // The plain connection stays usable for ordinary requests.
+    let s = StreamId(4);
+    send(
+        &mut ws,
+        Frame::RequestHead(RequestHead {
+            stream: s,
+            service: "".into(),
+            method: "GET".into(),
+            uri: "/echo".into(),
+            headers: vec![],
+        }),
+    )
+    .await;
+    send(&mut ws, Frame::Fin(Fin { stream: s })).await;
+    let mut up = Upgraded::new(&mut ws, s);
+    assert_eq!(up.head().await.status, 200);
+    while !up.fin {
+        assert!(up.step().await.is_none());
+    }
+    agent.shutdown().await;
+}

@@ -65,6 +65,12 @@ pub struct ServeArgs {
     /// Most streams open at once per agent.
     #[arg(long, env = "STRAIT_MAX_STREAMS", default_value_t = 1024)]
     pub max_streams: u32,
+    /// Seconds without a byte either way before a TCP or upgraded stream is closed (0 = never).
+    #[arg(long, env = "STRAIT_IDLE_TIMEOUT", default_value_t = 300)]
+    pub idle_timeout_secs: u64,
+    /// Most bytes (both directions) one TCP or upgraded stream may carry (0 = unlimited).
+    #[arg(long, env = "STRAIT_STREAM_QUOTA", default_value_t = 0)]
+    pub stream_quota_bytes: u64,
     /// Worker threads per server (default: one per core).
     #[arg(long, env = "STRAIT_WORKERS")]
     pub workers: Option<usize>,
@@ -133,6 +139,12 @@ pub struct NodeConfig {
     pub revocation_poll: Duration,
     /// Worker threads per server.
     pub workers: usize,
+    /// Idle timeout of byte streams (`None` = never).
+    pub idle_timeout: Option<Duration>,
+    /// Byte quota of one byte stream, both directions (`None` = unlimited).
+    pub stream_quota: Option<u64>,
+    /// How often the node reloads TCP routes from the store.
+    pub route_poll: Duration,
     /// How long in-flight requests may run on after shutdown is asked.
     pub drain_grace: Duration,
 }
@@ -157,6 +169,9 @@ impl NodeConfig {
             },
             revocation_poll: Duration::from_secs(2),
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            idle_timeout: Some(Duration::from_secs(300)),
+            stream_quota: None,
+            route_poll: Duration::from_secs(1),
             drain_grace: Duration::from_secs(30),
         }
     }
@@ -197,6 +212,8 @@ impl NodeConfig {
         }
         cfg.limits.stream_window = a.stream_window;
         cfg.limits.max_streams = a.max_streams.max(1);
+        cfg.idle_timeout = (a.idle_timeout_secs > 0).then(|| Duration::from_secs(a.idle_timeout_secs));
+        cfg.stream_quota = (a.stream_quota_bytes > 0).then_some(a.stream_quota_bytes);
         if let Some(w) = a.workers {
             cfg.workers = w.max(1);
         }

@@ -18,6 +18,12 @@ pub enum Error {
     /// `agent revoke` for a name that does not exist.
     #[error("no agent named {0}")]
     NoSuchAgent(String),
+    /// `route add` for an address that is already routed.
+    #[error("a route on {0} already exists")]
+    RouteExists(String),
+    /// `route remove` for an address with no route.
+    #[error("no route on {0}")]
+    NoSuchRoute(String),
     /// No live session for the agent on this node or anywhere.
     #[error("agent {0} is not connected")]
     AgentUnavailable(String),

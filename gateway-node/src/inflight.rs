@@ -210,15 +210,48 @@ impl Handler<CallerGone> for InFlight {
     }
 }
 
-/// The response body: reads the stream's body events and returns credit to the agent as the
-/// caller's connection takes bytes, so a slow caller holds at most one window of this stream.
-pub struct TunnelBody {
-    rx: mpsc::UnboundedReceiver<BodyEvent>,
+/// Returns credit to the agent as bytes it sent are consumed by the caller, in batches of a
+/// quarter window so credit frames stay few.
+pub struct CreditReturner {
     link: AgentLink,
     id: StreamId,
     granted: Arc<AtomicU64>,
     pending: u32,
     threshold: u32,
+}
+
+impl CreditReturner {
+    /// For one opened stream.
+    pub fn new(grant: &StreamGrant, id: StreamId) -> Self {
+        CreditReturner {
+            link: grant.link.clone(),
+            id,
+            granted: grant.granted.clone(),
+            pending: 0,
+            threshold: (grant.limits.stream_window / 4).max(1),
+        }
+    }
+
+    /// Records `n` bytes consumed; sends a `Credit` once a batch is due.
+    pub fn consumed(&mut self, n: usize) {
+        self.pending = self.pending.saturating_add(n as u32);
+        if self.pending >= self.threshold {
+            let n = std::mem::take(&mut self.pending);
+            // Count the grant before sending it, so the session never sees data beyond it.
+            self.granted.fetch_add(u64::from(n), Ordering::AcqRel);
+            self.link.send(&Frame::Credit(Credit {
+                stream: self.id,
+                bytes: n,
+            }));
+        }
+    }
+}
+
+/// The response body: reads the stream's body events and returns credit to the agent as the
+/// caller's connection takes bytes, so a slow caller holds at most one window of this stream.
+pub struct TunnelBody {
+    rx: mpsc::UnboundedReceiver<BodyEvent>,
+    credit: CreditReturner,
     inflight: Addr<InFlight>,
     done: bool,
 }
@@ -233,11 +266,7 @@ impl TunnelBody {
     ) -> Self {
         TunnelBody {
             rx,
-            link: grant.link.clone(),
-            id,
-            granted: grant.granted.clone(),
-            pending: 0,
-            threshold: (grant.limits.stream_window / 4).max(1),
+            credit: CreditReturner::new(grant, id),
             inflight,
             done: false,
         }
@@ -253,16 +282,7 @@ impl Stream for TunnelBody {
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(BodyEvent::Data(b))) => {
-                self.pending += b.len() as u32;
-                if self.pending >= self.threshold {
-                    let n = std::mem::take(&mut self.pending);
-                    // Count the grant before sending it, so the session never sees data beyond it.
-                    self.granted.fetch_add(u64::from(n), Ordering::AcqRel);
-                    self.link.send(&Frame::Credit(Credit {
-                        stream: self.id,
-                        bytes: n,
-                    }));
-                }
+                self.credit.consumed(b.len());
                 Poll::Ready(Some(Ok(b)))
             }
             Poll::Ready(Some(BodyEvent::Fin)) => {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use actix_web::body::SizedStream;
+use actix_web::body::{BodyStream, SizedStream};
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
@@ -51,6 +51,17 @@ pub fn error_response(code: ErrorCode, message: &str) -> HttpResponse {
         .insert_header(("x-strait-error", code.as_str()))
         .content_type("application/json")
         .body(serde_json::json!({ "code": code.as_str(), "message": message }).to_string())
+}
+
+/// The protocol a request asks to upgrade to (`Upgrade` plus the `upgrade` Connection token).
+fn upgrade_of<'a>(headers: &'a header::HeaderMap, connection_tokens: &[String]) -> Option<&'a str> {
+    if !connection_tokens.iter().any(|t| t == "upgrade") {
+        return None;
+    }
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
 }
 
 /// Which agent (and service) a Host header names, if it is under our domain.
@@ -117,10 +128,11 @@ pub async fn handle(req: HttpRequest, payload: web::Payload, node: web::Data<Nod
             return error_response(ErrorCode::BadRequest, why);
         }
     };
+    // After an upgrade the request "body" is the client's side of the upgraded connection.
     let has_body = head
         .headers
         .iter()
-        .any(|h| h.name == "content-length" || h.name == "transfer-encoding");
+        .any(|h| h.name == "content-length" || h.name == "transfer-encoding" || h.name == "upgrade");
     let id = StreamId::random();
     let head = RequestHead {
         stream: id,
@@ -138,6 +150,7 @@ pub async fn handle(req: HttpRequest, payload: web::Payload, node: web::Data<Nod
             id,
             ctl: addr.clone().recipient(),
             body: body_tx,
+            expects_head: true,
         })
         .await
     {
@@ -203,6 +216,18 @@ fn request_head(req: &HttpRequest, host: &str) -> Result<RequestHead, &'static s
             value: Bytes::copy_from_slice(value.as_bytes()),
         });
     }
+    if let Some(proto) = upgrade_of(req.headers(), &tokens) {
+        // An upgrade keeps its hop-by-hop pair: the agent replays it to the local service, and
+        // after a 101 the stream carries the upgraded connection's bytes both ways.
+        headers.push(Header {
+            name: "connection".into(),
+            value: Bytes::from_static(b"upgrade"),
+        });
+        headers.push(Header {
+            name: "upgrade".into(),
+            value: Bytes::copy_from_slice(proto.as_bytes()),
+        });
+    }
     if chunked {
         headers.push(Header {
             name: "transfer-encoding".into(),
@@ -263,6 +288,13 @@ fn response(req: &HttpRequest, head: strait_schema::ResponseHead, body: TunnelBo
         .map(|t| t.trim().to_ascii_lowercase())
         .collect();
     for h in &head.headers {
+        if status == StatusCode::SWITCHING_PROTOCOLS && h.name == "upgrade" {
+            // Sets the header and marks the connection as upgraded (`connection: upgrade`).
+            if let Ok(proto) = std::str::from_utf8(&h.value) {
+                res.upgrade(proto);
+            }
+            continue;
+        }
         if is_hop_by_hop(&h.name, &tokens) {
             continue;
         }
@@ -277,24 +309,33 @@ fn response(req: &HttpRequest, head: strait_schema::ResponseHead, body: TunnelBo
             res.append_header((n, v));
         }
     }
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // The upgraded connection's bytes, raw: actix writes a 101's body unframed.
+        return res.body(BodyStream::new(body));
+    }
     let bodyless = req.method() == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     if bodyless {
-        // The agent sends Fin at once; the body actor is dropped, which ends the stream cleanly.
-        drop(body);
+        // The agent follows the head with Fin at once; wait for it so the stream ends as complete
+        // (not as a caller that went away).
+        let mut body = body;
+        actix_rt::spawn(async move { while futures_util::StreamExt::next(&mut body).await.is_some() {} });
         return match length {
-            // A streamed (empty) body with `no_chunking` is how actix keeps a HEAD answer's length.
-            Some(len) if req.method() == Method::HEAD => res
-                .no_chunking(len)
-                .streaming(futures_util::stream::empty::<Result<Bytes, std::io::Error>>()),
+            // An (empty) body stream with `no_chunking` is how actix keeps a HEAD answer's length.
+            Some(len) if req.method() == Method::HEAD => {
+                res.no_chunking(len).body(BodyStream::new(futures_util::stream::empty::<
+                    Result<Bytes, std::io::Error>,
+                >()))
+            }
             _ => res.body(()),
         };
     }
     match length {
         Some(len) => res.body(SizedStream::new(len, body)),
-        None => res.streaming(body),
+        // Not `streaming()`: it would invent a content-type the origin did not send.
+        None => res.body(BodyStream::new(body)),
     }
 }
 

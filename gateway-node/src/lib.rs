@@ -12,6 +12,7 @@ pub mod node;
 pub mod ops;
 pub mod session;
 pub mod store;
+pub mod tcp;
 
 pub use config::{Backends, NodeConfig, ServeArgs, StoreArgs};
 pub use error::Error;

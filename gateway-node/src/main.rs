@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use strait_gateway::config::{Backends, NodeConfig, ServeArgs, StoreArgs};
-use strait_gateway::store::{now_ms, AgentRecord, SqliteStore, Store};
+use strait_gateway::store::{now_ms, AgentRecord, Route, SqliteStore, Store};
 use strait_gateway::{Listeners, NodeState};
 use strait_schema::{AgentName, AgentToken, Secret};
 
@@ -30,6 +30,40 @@ enum Cmd {
     /// Manage agent identities.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// Manage TCP routes (a gateway port mapped to an agent's TCP service).
+    #[command(subcommand)]
+    Route(RouteCmd),
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// Listen on ADDR and carry each connection to SERVICE on AGENT. Running nodes pick it up
+    /// within a second.
+    Add {
+        /// Gateway address to listen on, e.g. 127.0.0.1:2222.
+        #[arg(long)]
+        tcp: std::net::SocketAddr,
+        /// Agent name.
+        #[arg(long)]
+        agent: String,
+        /// The agent's TCP service (as in `strait-agent --expose NAME=tcp://...`).
+        #[arg(long)]
+        service: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List TCP routes.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Stop routing ADDR (open connections finish).
+    Remove {
+        /// The route's listen address.
+        tcp: std::net::SocketAddr,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         None => serve(cli.serve),
         Some(Cmd::Serve(a)) => serve(*a),
         Some(Cmd::Agent(cmd)) => actix_rt::System::new().block_on(agent_cmd(cmd)),
+        Some(Cmd::Route(cmd)) => actix_rt::System::new().block_on(route_cmd(cmd)),
     }
 }
 
@@ -133,6 +168,41 @@ async fn agent_cmd(cmd: AgentCmd) -> anyhow::Result<()> {
             let agent = AgentName::new(&name).ok_or(strait_gateway::Error::InvalidAgentName(name))?;
             open_store(&store)?.revoke_agent(&agent, now_ms()).await?;
             println!("Agent {agent} revoked; connected sessions are dropped within seconds.");
+        }
+    }
+    Ok(())
+}
+
+async fn route_cmd(cmd: RouteCmd) -> anyhow::Result<()> {
+    match cmd {
+        RouteCmd::Add {
+            tcp,
+            agent,
+            service,
+            store,
+        } => {
+            let agent = AgentName::new(&agent).ok_or(strait_gateway::Error::InvalidAgentName(agent))?;
+            if !strait_schema::frame::is_short_id(&service) {
+                anyhow::bail!("invalid service name {service:?}: use 1-64 of A-Z a-z 0-9 . _ -");
+            }
+            open_store(&store)?
+                .add_route(Route {
+                    listen: tcp,
+                    agent: agent.clone(),
+                    service: service.clone(),
+                })
+                .await?;
+            println!("Route {tcp} -> {agent}/{service} added.");
+        }
+        RouteCmd::List { store } => {
+            println!("{:<24} {:<32} {:<16}", "LISTEN", "AGENT", "SERVICE");
+            for r in open_store(&store)?.list_routes().await? {
+                println!("{:<24} {:<32} {:<16}", r.listen.to_string(), r.agent, r.service);
+            }
+        }
+        RouteCmd::Remove { tcp, store } => {
+            open_store(&store)?.remove_route(tcp).await?;
+            println!("Route {tcp} removed.");
         }
     }
     Ok(())

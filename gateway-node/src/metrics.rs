@@ -21,6 +21,8 @@ pub struct Metrics {
     pub frames_refused: IntCounterVec,
     /// Streams reset, by code.
     pub resets: IntCounterVec,
+    /// Byte streams (TCP routes) ended, by outcome (`ok` or a code).
+    pub streams: IntCounterVec,
 }
 
 impl Metrics {
@@ -48,6 +50,7 @@ impl Metrics {
         .unwrap_or_else(|_| unreachable_metric());
         let frames_refused = counter_vec("strait_frames_refused_total", "Frames from agents refused", "reason");
         let resets = counter_vec("strait_stream_resets_total", "Streams reset", "code");
+        let streams = counter_vec("strait_byte_streams_total", "Byte streams ended, by outcome", "outcome");
         for c in [
             Box::new(agents_connected.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(handshakes.clone()),
@@ -56,6 +59,7 @@ impl Metrics {
             Box::new(request_seconds.clone()),
             Box::new(frames_refused.clone()),
             Box::new(resets.clone()),
+            Box::new(streams.clone()),
         ] {
             // Names are distinct constants, so registration cannot collide.
             let _ = registry.register(c);
@@ -69,6 +73,7 @@ impl Metrics {
             request_seconds,
             frames_refused,
             resets,
+            streams,
         }
     }
 

@@ -197,6 +197,11 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
         let _ = futures_util::future::join3(agent_srv, http_srv, ops_srv).await;
     });
     let poller = actix_rt::spawn(poll_revocations(state.clone()));
+    let arbiters: Vec<actix_rt::Arbiter> = (0..cfg.workers).map(|_| actix_rt::Arbiter::new()).collect();
+    let routes = actix_rt::spawn(crate::tcp::run_routes(
+        state.clone(),
+        arbiters.iter().map(|a| a.handle()).collect(),
+    ));
     state.phase.send_replace(Phase::Ready);
     tracing::info!(node = %cfg.node_id, "node ready");
 
@@ -204,6 +209,7 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     tracing::info!(node = %cfg.node_id, "draining");
     state.phase.send_replace(Phase::Draining);
     poller.abort();
+    routes.abort();
     // Stop taking requests, let in-flight ones finish (bounded by the grace), then drop agents.
     http_h.stop(true).await;
     for s in state.sessions.all() {
@@ -214,6 +220,10 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     agent_h.stop(true).await;
     ops_h.stop(false).await;
     let _ = servers.await;
+    for a in arbiters {
+        a.stop();
+        let _ = a.join();
+    }
     state.phase.send_replace(Phase::Stopped);
     tracing::info!(node = %cfg.node_id, "stopped");
     Ok(())

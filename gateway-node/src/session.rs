@@ -96,6 +96,8 @@ pub struct OpenStream {
     pub ctl: Recipient<StreamEvent>,
     /// Receives the body.
     pub body: mpsc::UnboundedSender<BodyEvent>,
+    /// HTTP streams start with the agent's `ResponseHead`; byte streams carry data at once.
+    pub expects_head: bool,
 }
 
 /// The stream's owner is done with it (finished or aborted; it already told the agent).
@@ -634,7 +636,7 @@ impl Handler<OpenStream> for AgentSession {
                 body: msg.body,
                 granted: granted.clone(),
                 received: 0,
-                head_seen: false,
+                head_seen: !msg.expects_head,
             },
         );
         Ok(StreamGrant {

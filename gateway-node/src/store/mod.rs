@@ -12,7 +12,21 @@ pub use sqlite::SqliteStore;
 use crate::error::Error;
 
 /// Numbered migrations, applied in order at start by every store.
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(1, "agents", include_str!("migrations/0001_agents.sql"))];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "agents", include_str!("migrations/0001_agents.sql")),
+    (2, "routes", include_str!("migrations/0002_routes.sql")),
+];
+
+/// A gateway TCP port mapped to an agent's named service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Where the gateway listens (`127.0.0.1:2222`).
+    pub listen: std::net::SocketAddr,
+    /// Agent that serves it.
+    pub agent: AgentName,
+    /// The agent's TCP service name.
+    pub service: String,
+}
 
 /// One agent identity as stored.
 #[derive(Debug, Clone)]
@@ -42,8 +56,26 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_agent(&self, name: &AgentName, at_ms: u64) -> Result<(), Error>;
     /// Agents revoked at or after `since_ms`, with when; nodes poll this to drop connected agents.
     async fn revoked_since(&self, since_ms: u64) -> Result<Vec<(AgentName, u64)>, Error>;
+    /// Adds a TCP route. Refuses a listen address that is already routed.
+    async fn add_route(&self, route: Route) -> Result<(), Error>;
+    /// Every TCP route, by listen address.
+    async fn list_routes(&self) -> Result<Vec<Route>, Error>;
+    /// Removes the route on `listen`. Errors if there is none.
+    async fn remove_route(&self, listen: std::net::SocketAddr) -> Result<(), Error>;
     /// Cheap round trip, for `/readyz`.
     async fn ping(&self) -> Result<(), Error>;
+}
+
+/// Checks a stored route row; a row a newer or broken writer left behind is an error, not a panic.
+fn route_from_row((listen, agent, service): (String, String, String)) -> Result<Route, Error> {
+    Ok(Route {
+        listen: listen
+            .parse()
+            .map_err(|_| Error::Store(format!("stored route address {listen:?} is invalid")))?,
+        agent: AgentName::new(&agent)
+            .ok_or_else(|| Error::Store(format!("stored route agent {agent:?} is invalid")))?,
+        service,
+    })
 }
 
 /// Milliseconds since the Unix epoch.

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use strait_schema::{AgentName, Secret};
 
-use super::{AgentRecord, Store, MIGRATIONS};
+use super::{AgentRecord, Route, Store, MIGRATIONS};
 use crate::error::Error;
 
 /// SQLite-file implementation of [`Store`]. WAL mode with a busy timeout, so the CLI
@@ -192,6 +192,52 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn add_route(&self, r: Route) -> Result<(), Error> {
+        self.with(move |c| {
+            let n = c.execute(
+                "INSERT INTO routes (listen, agent, service, created_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (listen) DO NOTHING",
+                params![
+                    r.listen.to_string(),
+                    r.agent.as_str(),
+                    r.service,
+                    super::now_ms() as i64
+                ],
+            )?;
+            if n == 0 {
+                return Err(Error::RouteExists(r.listen.to_string()));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_routes(&self) -> Result<Vec<Route>, Error> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT listen, agent, service FROM routes ORDER BY listen")?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            })?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(super::route_from_row(r?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remove_route(&self, listen: std::net::SocketAddr) -> Result<(), Error> {
+        self.with(move |c| {
+            let n = c.execute("DELETE FROM routes WHERE listen = ?1", [listen.to_string()])?;
+            if n == 0 {
+                return Err(Error::NoSuchRoute(listen.to_string()));
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), Error> {
         self.with(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).map(|_| ())?))
             .await
@@ -237,6 +283,23 @@ mod tests {
             s.revoke_agent(&AgentName::new("nobody").unwrap(), 1).await,
             Err(Error::NoSuchAgent(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn routes_are_added_listed_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let r = Route {
+            listen: "127.0.0.1:2222".parse().unwrap(),
+            agent: AgentName::new("alpha").unwrap(),
+            service: "ssh".into(),
+        };
+        s.add_route(r.clone()).await.unwrap();
+        assert!(matches!(s.add_route(r.clone()).await, Err(Error::RouteExists(_))));
+        assert_eq!(s.list_routes().await.unwrap(), vec![r.clone()]);
+        s.remove_route(r.listen).await.unwrap();
+        assert!(s.list_routes().await.unwrap().is_empty());
+        assert!(matches!(s.remove_route(r.listen).await, Err(Error::NoSuchRoute(_))));
     }
 
     #[test]

@@ -214,6 +214,11 @@ impl TestNode {
     }
 
     pub async fn in_dir(dir: Arc<tempfile::TempDir>, f: impl FnOnce(&mut NodeConfig)) -> Self {
+        // RUST_LOG=debug shows the node's and agents' logs for a failing test.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()))
+            .with_test_writer()
+            .try_init();
         let mut cfg = NodeConfig::embedded(dir.path().to_path_buf());
         cfg.heartbeat = Duration::from_millis(500);
         cfg.revocation_poll = Duration::from_millis(100);
@@ -341,5 +346,164 @@ impl Drop for TestNode {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// TCP services for byte-stream tests, each on 127.0.0.1:0.
+pub struct TcpServer {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What a [`TcpServer`] does with each connection.
+#[derive(Clone, Copy)]
+pub enum TcpBehaviour {
+    /// Copies bytes back as they come; half-closes after the caller does.
+    Echo,
+    /// Reads to EOF, then answers `got <n> bytes` and closes.
+    CountThenReply,
+    /// Writes `n` pattern bytes (seed 77) and reads (and checks) `n` pattern bytes (seed 78), at once.
+    Both(u64),
+    /// Writes `n` pattern bytes (seed 55) as fast as the caller takes them, then closes.
+    Source(u64),
+    /// Holds the connection and never sends anything.
+    Silent,
+}
+
+impl TcpServer {
+    pub async fn start(behaviour: TcpBehaviour) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = sock.into_split();
+                    match behaviour {
+                        TcpBehaviour::Echo => {
+                            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                            let _ = wr.shutdown().await;
+                        }
+                        TcpBehaviour::CountThenReply => {
+                            let mut n = 0usize;
+                            let mut buf = vec![0u8; 64 * 1024];
+                            while let Ok(k) = rd.read(&mut buf).await {
+                                if k == 0 {
+                                    break;
+                                }
+                                n += k;
+                            }
+                            let _ = wr.write_all(format!("got {n} bytes").as_bytes()).await;
+                            let _ = wr.shutdown().await;
+                        }
+                        TcpBehaviour::Both(n) => {
+                            let w = tokio::spawn(async move {
+                                write_pattern(&mut wr, n, 77).await;
+                                let _ = wr.shutdown().await;
+                                wr
+                            });
+                            assert_eq!(
+                                read_pattern(&mut rd, 78).await,
+                                n,
+                                "server side of the bidirectional test"
+                            );
+                            let _ = w.await;
+                        }
+                        TcpBehaviour::Source(n) => {
+                            write_pattern(&mut wr, n, 55).await;
+                            let _ = wr.shutdown().await;
+                        }
+                        TcpBehaviour::Silent => {
+                            let mut buf = [0u8; 1024];
+                            while let Ok(k) = rd.read(&mut buf).await {
+                                if k == 0 {
+                                    break;
+                                }
+                            }
+                            drop(wr);
+                        }
+                    }
+                });
+            }
+        });
+        TcpServer { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("tcp://{}", self.addr)
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes `n` pattern bytes in 64 KiB chunks.
+pub async fn write_pattern<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, n: u64, seed: u64) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = std::pin::pin!(pattern_stream(n, seed));
+    while let Some(chunk) = s.next().await {
+        if w.write_all(&chunk.unwrap()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads to EOF, checking the pattern; returns how many bytes matched.
+pub async fn read_pattern<R: tokio::io::AsyncRead + Unpin>(r: &mut R, seed: u64) -> u64 {
+    use tokio::io::AsyncReadExt;
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let k = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return pos,
+            Ok(k) => k,
+        };
+        for b in &buf[..k] {
+            assert_eq!(*b, pattern(seed, pos), "byte {pos} differs");
+            pos += 1;
+        }
+    }
+}
+
+impl TestNode {
+    /// Stores a TCP route on a free loopback port to `agent`/`service` and waits until it listens.
+    pub async fn route(&self, agent: &str, service: &str) -> SocketAddr {
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        self.state
+            .store
+            .add_route(strait_gateway::store::Route {
+                listen,
+                agent: AgentName::new(agent).unwrap(),
+                service: service.into(),
+            })
+            .await
+            .unwrap();
+        // Probe without connecting (a connection would open a stream): once the node listens,
+        // the address is taken.
+        eventually(Duration::from_secs(10), "route listening", || async move {
+            std::net::TcpListener::bind(listen).is_err()
+        })
+        .await;
+        listen
+    }
+
+    /// Adds an agent exposing the given `[NAME=]URL` services and waits for it.
+    pub async fn connect_agent_with(&self, name: &str, exposes: &[String]) -> AgentHandle {
+        let token = self.add_agent(name).await;
+        let mut cfg = AgentConfig::new(&self.agent_url(), token).unwrap();
+        for e in exposes {
+            cfg = cfg.expose(e).unwrap();
+        }
+        let agent = AgentHandle::spawn(cfg);
+        agent.connected(Duration::from_secs(10)).await.expect("agent connects");
+        self.wait_agent(name).await;
+        agent
     }
 }

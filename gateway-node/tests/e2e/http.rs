@@ -117,6 +117,10 @@ async fn post_bodies_round_trip_empty_small_chunked() {
         .await
         .unwrap();
     assert!(res.headers().get("content-length").is_none());
+    assert!(
+        res.headers().get("content-type").is_none(),
+        "the gateway must not invent headers"
+    );
     assert_eq!(check_pattern(res, 4).await, 1_000_000);
 }
 

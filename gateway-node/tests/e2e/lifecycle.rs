@@ -115,15 +115,18 @@ async fn the_command_line_manages_agents_and_a_real_process_serves_them() {
             .args(["--ops-listen", &format!("127.0.0.1:{ops_port}")])
             .args(["--api-listen", &format!("127.0.0.1:{api_port}")])
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap()
     };
     let mut proc = spawn();
+    let echo = TcpServer::start(TcpBehaviour::Echo).await;
     let agent = AgentHandle::spawn(
         AgentConfig::new(&format!("ws://127.0.0.1:{agent_port}"), token.clone())
             .unwrap()
             .expose(&backend.url())
+            .unwrap()
+            .expose(&format!("echo={}", echo.url()))
             .unwrap(),
     );
     agent.connected(Duration::from_secs(20)).await.unwrap();
@@ -145,6 +148,56 @@ async fn the_command_line_manages_agents_and_a_real_process_serves_them() {
         check_pattern(res.expect("request through the real process"), 8).await,
         5000
     );
+
+    // A TCP route added through the CLI while the node runs is served within a second or so.
+    let route_port = free_port();
+    let route = format!("127.0.0.1:{route_port}");
+    let out = gateway()
+        .args([
+            "route",
+            "add",
+            "--tcp",
+            &route,
+            "--agent",
+            "alpha",
+            "--service",
+            "echo",
+            "--data-dir",
+            data,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list = gateway().args(["route", "list", "--data-dir", data]).output().unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&route));
+    let mut echoed = false;
+    for _ in 0..100 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(&route).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"over the route").await.unwrap();
+            let mut buf = [0u8; 14];
+            if tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                assert_eq!(&buf, b"over the route");
+                echoed = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(echoed, "route added at run time was not served");
+    let out = gateway()
+        .args(["route", "remove", &route, "--data-dir", data])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = gateway()
+        .args(["route", "remove", &route, "--data-dir", data])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "removing a missing route must fail");
 
     // Kill the process; a new one on the same data dir serves the same agent, which reconnects.
     proc.kill().unwrap();

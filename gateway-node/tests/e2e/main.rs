@@ -7,3 +7,4 @@ mod harness;
 mod http;
 mod lifecycle;
 mod protocol;
+mod tcp;
