@@ -113,6 +113,8 @@ pub(crate) async fn supervise(
         }
     };
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Counts welcomed connections, so one retiring after a GoAway knows its replacement is up.
+    let (welcomed_tx, welcomed_rx) = watch::channel(0u64);
     let mut retiring = JoinSet::new();
     let mut backoff = Backoff::new(shared.cfg.max_backoff);
     let gateways = &shared.cfg.gateways;
@@ -134,8 +136,15 @@ pub(crate) async fn supervise(
                 let node_id = est.welcome.node_id.clone();
                 tracing::info!("connected to gateway node={node_id} url={url}");
                 status.send_replace(AgentStatus::Connected { node_id });
+                welcomed_tx.send_modify(|n| *n += 1);
                 let (go_tx, mut go_rx) = oneshot::channel();
-                let mut conn = tokio::spawn(session::serve(shared.clone(), est, stop_rx.clone(), go_tx));
+                let mut conn = tokio::spawn(session::serve(
+                    shared.clone(),
+                    est,
+                    stop_rx.clone(),
+                    go_tx,
+                    welcomed_rx.clone(),
+                ));
                 tokio::select! {
                     _ = &mut shutdown => {
                         let _ = stop_tx.send(true);

@@ -38,6 +38,10 @@ const WRITE_BATCH: usize = 64;
 /// Heartbeats of silence after which the link counts as dead.
 const SILENT_HEARTBEATS: u32 = 3;
 
+/// After its replacement is connected, a connection told to go away keeps taking new streams for
+/// this long: callers that located the agent just before the move still reach it here.
+const HANDOVER_LINGER: Duration = Duration::from_secs(1);
+
 /// How long the closing handshake may take once streams are done.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -228,6 +232,7 @@ pub(crate) async fn serve(
     est: Established,
     mut stop: watch::Receiver<bool>,
     go_away: oneshot::Sender<String>,
+    mut welcomed: watch::Receiver<u64>,
 ) -> Exit {
     let Established { ws, welcome } = est;
     let limits = ConnLimits::from_welcome(&welcome);
@@ -250,12 +255,18 @@ pub(crate) async fn serve(
     };
     let mut go_away = Some(go_away);
     let mut deadline: Option<Instant> = None;
+    // After a GoAway: how many connections had been welcomed then, and when a newer one was.
+    let mut away_since: Option<u64> = None;
+    let mut replaced_at: Option<Instant> = None;
     let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_rx = Instant::now();
 
     let exit = loop {
-        if deadline.is_some() && sess.tasks.is_empty() {
+        // Told to go away, the connection stays until its replacement is up (and has lingered),
+        // so the agent is never unreachable in between; shutting down, it only drains.
+        let handed_over = away_since.is_none() || replaced_at.is_some_and(|t| t.elapsed() >= HANDOVER_LINGER);
+        if deadline.is_some() && sess.tasks.is_empty() && (sess.stopping || handed_over) {
             break Exit::Drained;
         }
         tokio::select! {
@@ -282,6 +293,7 @@ pub(crate) async fn serve(
                             Step::GoAway(reason) => {
                                 tracing::info!("gateway asked this connection to go away: {reason}");
                                 if let Some(tx) = go_away.take() {
+                                    away_since = Some(*welcomed.borrow_and_update());
                                     let _ = tx.send(reason);
                                 }
                                 deadline.get_or_insert_with(|| Instant::now() + drain_timeout);
@@ -306,6 +318,10 @@ pub(crate) async fn serve(
                 sess.stopping = true;
                 deadline.get_or_insert_with(|| Instant::now() + drain_timeout);
             }
+            Ok(()) = welcomed.changed(), if away_since.is_some() && replaced_at.is_none() => {
+                replaced_at = Some(Instant::now());
+            }
+            _ = sleep_until(replaced_at.map(|t| t + HANDOVER_LINGER)), if replaced_at.is_some() && !handed_over => {}
             _ = sleep_until(deadline), if deadline.is_some() => break Exit::DrainTimeout,
             res = &mut writer => {
                 break Exit::Lost(match res {

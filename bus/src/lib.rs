@@ -1,7 +1,7 @@
 //! Cross-node dispatch. Each gateway node consumes one dispatch channel named after its node id;
 //! any node publishes [`BusEnvelope`]s to another node's channel. A single node runs on
-//! [`InProcessBus`]; a cluster on RabbitMQ streams. The gateway only sees `dyn Bus`, so both
-//! modes run the same actors.
+//! [`InProcessBus`]; a cluster on RabbitMQ streams ([`AmqpBus`]). The gateway only sees
+//! `dyn Bus`, so both modes run the same actors.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +10,17 @@ use async_trait::async_trait;
 use parking_lot::RwLock;
 use strait_schema::BusEnvelope;
 use tokio::sync::mpsc;
+
+mod amqp;
+mod batch;
+mod consumer;
+mod offsets;
+mod publisher;
+mod stats;
+
+pub use amqp::{delete_stream, AmqpBus, BusConfig};
+pub use offsets::{MemoryOffsets, OffsetStore};
+pub use stats::{BusStats, BusStatsSnapshot};
 
 /// Why an envelope could not be carried.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +31,36 @@ pub enum Error {
     /// The node already has a consumer; one consumer per node keeps ordering simple.
     #[error("node {0} is already subscribed")]
     AlreadySubscribed(String),
+    /// The broker could not be reached or refused the connection (address, credentials,
+    /// network). The URL is not part of the message: it may carry a password.
+    #[error("cannot connect to the AMQP broker")]
+    Connect(#[source] lapin::Error),
+    /// An AMQP operation on an open connection failed (the broker closed the channel, or the
+    /// connection dropped under it).
+    #[error("AMQP {op} failed")]
+    Amqp {
+        /// Which operation (`queue.declare`, `basic.consume`, ...).
+        op: &'static str,
+        /// What lapin reported.
+        #[source]
+        source: lapin::Error,
+    },
+    /// A broker or offset-store operation did not answer in time.
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    /// The bus configuration cannot work (bad prefix or node id, zero sizes, ...).
+    #[error("invalid bus configuration: {0}")]
+    Config(String),
+    /// The publish queue is full: the broker has been unreachable for a while, so the envelope
+    /// was refused rather than buffered without bound.
+    #[error("bus publish queue is full")]
+    Backlog,
+    /// The bus was shut down; it carries nothing any more.
+    #[error("the bus is shut down")]
+    Closed,
+    /// The [`OffsetStore`] failed (its own error is the source).
+    #[error("offset store failed")]
+    OffsetStore(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Carries envelopes to the node named in `to_node`, in order per (sender, receiver) pair.
@@ -82,6 +123,15 @@ mod tests {
             epoch: 1,
             frame: Frame::Ping(Ping { timestamp_ms: seq }),
         }
+    }
+
+    #[test]
+    fn error_and_bus_can_cross_threads() {
+        // The gateway keeps `Error` in its own error type and `Arc<dyn Bus>` in actix app data.
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<Error>();
+        send_sync::<AmqpBus>();
+        send_sync::<Arc<dyn Bus>>();
     }
 
     #[tokio::test]

@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// RabbitMQ URL (cluster mode).
     #[arg(long, env = "STRAIT_AMQP_URL")]
     pub amqp_url: Option<String>,
+    /// Cluster name: prefixes every Redis key and bus stream, so clusters (and test runs) can
+    /// share one Redis and one RabbitMQ.
+    #[arg(long, env = "STRAIT_CLUSTER", default_value = "strait")]
+    pub cluster: String,
     /// Store location.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -119,6 +123,8 @@ impl Backends {
 pub struct NodeConfig {
     /// This node's id.
     pub node_id: String,
+    /// Cluster name (prefix of Redis keys and bus streams).
+    pub cluster: String,
     /// Ingress host suffix (lowercase, no leading dot).
     pub domain: String,
     /// Backends.
@@ -145,6 +151,9 @@ pub struct NodeConfig {
     pub stream_quota: Option<u64>,
     /// How often the node reloads TCP routes from the store.
     pub route_poll: Duration,
+    /// On shutdown, how long to wait for agents told to move (`GoAway`) to reconnect elsewhere
+    /// before their sessions here close. Zero on a single node: there is nowhere to move to.
+    pub handoff: Duration,
     /// How long in-flight requests may run on after shutdown is asked.
     pub drain_grace: Duration,
 }
@@ -154,6 +163,7 @@ impl NodeConfig {
     pub fn embedded(data_dir: PathBuf) -> Self {
         NodeConfig {
             node_id: random_node_id(),
+            cluster: "strait".into(),
             domain: "localhost".into(),
             backends: Backends::Embedded { data_dir },
             heartbeat: Duration::from_secs(5),
@@ -172,6 +182,7 @@ impl NodeConfig {
             idle_timeout: Some(Duration::from_secs(300)),
             stream_quota: None,
             route_poll: Duration::from_secs(1),
+            handoff: Duration::ZERO,
             drain_grace: Duration::from_secs(30),
         }
     }
@@ -185,6 +196,17 @@ impl NodeConfig {
             a.amqp_url.clone(),
             a.store.database_url.clone(),
         )?;
+        if !strait_schema::frame::is_short_id(&a.cluster) {
+            return Err(Error::Config(format!(
+                "--cluster {:?}: use 1-64 of A-Z a-z 0-9 . _ -",
+                a.cluster
+            )));
+        }
+        cfg.cluster = a.cluster.clone();
+        if let Backends::Cluster { .. } = cfg.backends {
+            // Cluster nodes hand their agents over on shutdown (GoAway) instead of dropping them.
+            cfg.handoff = Duration::from_secs(10);
+        }
         if let Some(id) = &a.node_id {
             if !strait_schema::frame::is_short_id(id) {
                 return Err(Error::Config(format!(

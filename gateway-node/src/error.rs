@@ -24,6 +24,9 @@ pub enum Error {
     /// `route remove` for an address with no route.
     #[error("no route on {0}")]
     NoSuchRoute(String),
+    /// Redis (or the directory) failed.
+    #[error("directory: {0}")]
+    Directory(String),
     /// No live session for the agent on this node or anywhere.
     #[error("agent {0} is not connected")]
     AgentUnavailable(String),

@@ -15,7 +15,7 @@ use strait_schema::{Credit, Data, ErrorCode, Fin, Frame, Reset, ResponseHead, St
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::node::NodeState;
-use crate::session::{AgentLink, AgentSession, BodyEvent, CloseStream, StreamEvent, StreamGrant};
+use crate::session::{AgentLink, BodyEvent, StreamCloser, StreamEvent, StreamGrant};
 
 /// How a request ended before or instead of a response head.
 pub type HeadResult = Result<ResponseHead, (ErrorCode, String)>;
@@ -37,7 +37,7 @@ pub struct CallerGone;
 pub struct InFlight {
     id: StreamId,
     node: Arc<NodeState>,
-    session: Addr<AgentSession>,
+    closer: StreamCloser,
     link: AgentLink,
     head_tx: Option<oneshot::Sender<HeadResult>>,
     send_credit: Arc<Semaphore>,
@@ -49,17 +49,11 @@ pub struct InFlight {
 
 impl InFlight {
     /// Builds the actor for an opened stream.
-    pub fn new(
-        id: StreamId,
-        node: Arc<NodeState>,
-        session: Addr<AgentSession>,
-        grant: &StreamGrant,
-        head_tx: oneshot::Sender<HeadResult>,
-    ) -> Self {
+    pub fn new(id: StreamId, node: Arc<NodeState>, grant: &StreamGrant, head_tx: oneshot::Sender<HeadResult>) -> Self {
         InFlight {
             id,
             node,
-            session,
+            closer: grant.closer.clone(),
             link: grant.link.clone(),
             head_tx: Some(head_tx),
             send_credit: Arc::new(Semaphore::new(grant.limits.stream_window as usize)),
@@ -147,7 +141,7 @@ impl Actor for InFlight {
             self.reset_agent(ErrorCode::Reset, "caller went away");
         }
         self.answer(Err((ErrorCode::Reset, "stream ended".into())));
-        self.session.do_send(CloseStream { id: self.id });
+        self.closer.close(self.id);
         let m = &self.node.metrics;
         m.requests.with_label_values(&[self.outcome.unwrap_or("ok")]).inc();
         m.request_seconds.observe(self.started.elapsed().as_secs_f64());

@@ -11,9 +11,10 @@ use bytes::Bytes;
 use strait_schema::{AgentName, ErrorCode, Frame, Header, RequestHead, StreamId};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster::{self, Target};
 use crate::inflight::{CallerGone, InFlight, TunnelBody};
 use crate::node::NodeState;
-use crate::session::OpenStream;
+use crate::session::{OpenStream, StreamCloser};
 
 /// Headers that describe one connection, not the message; a proxy never forwards them
 /// (RFC 9110 §7.6.1), nor any header the `Connection` header names.
@@ -82,12 +83,12 @@ pub fn route_host(host: &str, domain: &str) -> Option<(AgentName, String)> {
 }
 
 /// Unregisters a stream whose handler was dropped (caller gone) before its InFlight ran.
-struct OpenGuard(Option<(Addr<crate::session::AgentSession>, StreamId)>);
+struct OpenGuard(Option<(StreamCloser, StreamId)>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        if let Some((session, id)) = self.0.take() {
-            session.do_send(crate::session::CloseStream { id });
+        if let Some((closer, id)) = self.0.take() {
+            closer.close(id);
         }
     }
 }
@@ -117,9 +118,12 @@ pub async fn handle(req: HttpRequest, payload: web::Payload, node: web::Data<Nod
             ),
         );
     };
-    let Some(session) = node.sessions.get(&agent) else {
-        node.metrics.requests.with_label_values(&["AGENT_UNAVAILABLE"]).inc();
-        return error_response(ErrorCode::AgentUnavailable, &format!("agent {agent} is not connected"));
+    let target = match cluster::locate(&node, &agent).await {
+        Ok(t) => t,
+        Err((code, why)) => {
+            node.metrics.requests.with_label_values(&[code.as_str()]).inc();
+            return error_response(code, &why);
+        }
     };
     let head = match request_head(&req, &host) {
         Ok(h) => h,
@@ -143,29 +147,26 @@ pub async fn handle(req: HttpRequest, payload: web::Payload, node: web::Data<Nod
     let (body_tx, body_rx) = mpsc::unbounded_channel();
     let ctx = actix::Context::<InFlight>::new();
     let addr = ctx.address();
-    let mut open_guard = OpenGuard(Some((session.addr.clone(), id)));
-    let grant = match session
-        .addr
-        .send(OpenStream {
-            id,
-            ctl: addr.clone().recipient(),
-            body: body_tx,
-            expects_head: true,
-        })
-        .await
-    {
-        Ok(Ok(g)) => g,
-        Ok(Err((code, why))) => {
+    let closer = match &target {
+        Target::Local(s) => StreamCloser::Local(s.addr.clone()),
+        Target::Remote { .. } => StreamCloser::Remote(node.clone()),
+    };
+    let mut open_guard = OpenGuard(Some((closer, id)));
+    let open = OpenStream {
+        id,
+        ctl: addr.clone().recipient(),
+        body: body_tx,
+        expects_head: true,
+    };
+    let grant = match cluster::open_stream(&node, &target, &agent, open).await {
+        Ok(g) => g,
+        Err((code, why)) => {
             node.metrics.requests.with_label_values(&[code.as_str()]).inc();
             return error_response(code, &why);
         }
-        Err(_) => {
-            node.metrics.requests.with_label_values(&["AGENT_UNAVAILABLE"]).inc();
-            return error_response(ErrorCode::AgentUnavailable, &format!("agent {agent} disconnected"));
-        }
     };
     let (head_tx, head_rx) = oneshot::channel();
-    let mut inflight = InFlight::new(id, node.clone(), session.addr.clone(), &grant, head_tx);
+    let mut inflight = InFlight::new(id, node.clone(), &grant, head_tx);
     if !grant.link.send(&Frame::RequestHead(head)) {
         return error_response(ErrorCode::AgentUnavailable, &format!("agent {agent} disconnected"));
     }

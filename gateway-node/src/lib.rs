@@ -2,6 +2,7 @@
 //! bus they run on. A single node runs on embedded backends; a cluster swaps in Redis, RabbitMQ
 //! and Postgres behind the same traits.
 
+pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod error;

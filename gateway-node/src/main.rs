@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use strait_gateway::config::{Backends, NodeConfig, ServeArgs, StoreArgs};
-use strait_gateway::store::{now_ms, AgentRecord, Route, SqliteStore, Store};
+use strait_gateway::store::{now_ms, AgentRecord, PgStore, Route, SqliteStore, Store};
 use strait_gateway::{Listeners, NodeState};
 use strait_schema::{AgentName, AgentToken, Secret};
 
@@ -49,6 +49,9 @@ enum RouteCmd {
         /// The agent's TCP service (as in `strait-agent --expose NAME=tcp://...`).
         #[arg(long)]
         service: String,
+        /// Only this node listens (default: every node).
+        #[arg(long)]
+        node: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -109,9 +112,11 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
-    if a.database_url.is_some() {
-        anyhow::bail!("the Postgres store is not available in this build yet; use --data-dir");
+async fn open_store(a: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
+    if let Some(url) = &a.database_url {
+        return Ok(Arc::new(
+            PgStore::connect(url).await.context("opening the Postgres store")?,
+        ));
     }
     Ok(Arc::new(SqliteStore::open(&a.data_dir).with_context(|| {
         format!("opening store in {}", a.data_dir.display())
@@ -132,7 +137,8 @@ async fn agent_cmd(cmd: AgentCmd) -> anyhow::Result<()> {
                 key_id: format!("k{:08x}", rand::random::<u32>()),
                 secret: Secret::generate(),
             };
-            open_store(&store)?
+            open_store(&store)
+                .await?
                 .create_agent(AgentRecord {
                     name: agent.clone(),
                     key_id: token.key_id.clone(),
@@ -157,7 +163,7 @@ async fn agent_cmd(cmd: AgentCmd) -> anyhow::Result<()> {
             }
         }
         AgentCmd::List { store } => {
-            let agents = open_store(&store)?.list_agents().await?;
+            let agents = open_store(&store).await?.list_agents().await?;
             println!("{:<32} {:<12} {:<8}", "AGENT", "KEY", "STATUS");
             for a in agents {
                 let status = if a.revoked_at_ms.is_some() { "revoked" } else { "active" };
@@ -166,7 +172,7 @@ async fn agent_cmd(cmd: AgentCmd) -> anyhow::Result<()> {
         }
         AgentCmd::Revoke { name, store } => {
             let agent = AgentName::new(&name).ok_or(strait_gateway::Error::InvalidAgentName(name))?;
-            open_store(&store)?.revoke_agent(&agent, now_ms()).await?;
+            open_store(&store).await?.revoke_agent(&agent, now_ms()).await?;
             println!("Agent {agent} revoked; connected sessions are dropped within seconds.");
         }
     }
@@ -179,29 +185,32 @@ async fn route_cmd(cmd: RouteCmd) -> anyhow::Result<()> {
             tcp,
             agent,
             service,
+            node,
             store,
         } => {
             let agent = AgentName::new(&agent).ok_or(strait_gateway::Error::InvalidAgentName(agent))?;
             if !strait_schema::frame::is_short_id(&service) {
                 anyhow::bail!("invalid service name {service:?}: use 1-64 of A-Z a-z 0-9 . _ -");
             }
-            open_store(&store)?
+            open_store(&store)
+                .await?
                 .add_route(Route {
                     listen: tcp,
                     agent: agent.clone(),
                     service: service.clone(),
+                    node,
                 })
                 .await?;
             println!("Route {tcp} -> {agent}/{service} added.");
         }
         RouteCmd::List { store } => {
             println!("{:<24} {:<32} {:<16}", "LISTEN", "AGENT", "SERVICE");
-            for r in open_store(&store)?.list_routes().await? {
+            for r in open_store(&store).await?.list_routes().await? {
                 println!("{:<24} {:<32} {:<16}", r.listen.to_string(), r.agent, r.service);
             }
         }
         RouteCmd::Remove { tcp, store } => {
-            open_store(&store)?.remove_route(tcp).await?;
+            open_store(&store).await?.remove_route(tcp).await?;
             println!("Route {tcp} removed.");
         }
     }
@@ -210,9 +219,6 @@ async fn route_cmd(cmd: RouteCmd) -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = NodeConfig::from_args(&args)?;
-    if let Backends::Cluster { .. } = cfg.backends {
-        anyhow::bail!("cluster mode (Redis, RabbitMQ, Postgres) is not available in this build yet");
-    }
     let listeners = Listeners::bind(args.agent_listen, args.http_listen, args.ops_listen)?;
     tracing::info!(
         node = %cfg.node_id,
@@ -220,11 +226,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         http = %args.http_listen,
         ops = %args.ops_listen,
         domain = %cfg.domain,
-        "starting gateway node (embedded store in {})",
-        args.store.data_dir.display()
+        mode = if matches!(cfg.backends, Backends::Cluster { .. }) { "cluster" } else { "single node" },
+        "starting gateway node"
     );
     actix_rt::System::new().block_on(async move {
-        let state = NodeState::open(cfg)?;
+        let state = NodeState::open(cfg).await?;
         strait_gateway::run(listeners, state, shutdown_signal()).await?;
         Ok(())
     })

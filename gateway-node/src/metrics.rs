@@ -23,6 +23,8 @@ pub struct Metrics {
     pub resets: IntCounterVec,
     /// Byte streams (TCP routes) ended, by outcome (`ok` or a code).
     pub streams: IntCounterVec,
+    /// Bus envelopes by event (`published`, `received`, `dropped_stale`, ...).
+    pub bus: IntCounterVec,
 }
 
 impl Metrics {
@@ -51,6 +53,7 @@ impl Metrics {
         let frames_refused = counter_vec("strait_frames_refused_total", "Frames from agents refused", "reason");
         let resets = counter_vec("strait_stream_resets_total", "Streams reset", "code");
         let streams = counter_vec("strait_byte_streams_total", "Byte streams ended, by outcome", "outcome");
+        let bus = counter_vec("strait_bus_envelopes_total", "Bus envelopes by event", "event");
         for c in [
             Box::new(agents_connected.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(handshakes.clone()),
@@ -60,6 +63,7 @@ impl Metrics {
             Box::new(frames_refused.clone()),
             Box::new(resets.clone()),
             Box::new(streams.clone()),
+            Box::new(bus.clone()),
         ] {
             // Names are distinct constants, so registration cannot collide.
             let _ = registry.register(c);
@@ -74,6 +78,7 @@ impl Metrics {
             frames_refused,
             resets,
             streams,
+            bus,
         }
     }
 

@@ -9,17 +9,18 @@ use std::time::Duration;
 use actix::Addr;
 use actix_web::{web, App, HttpServer};
 use parking_lot::RwLock;
-use strait_bus::{Bus, InProcessBus};
+use strait_bus::{AmqpBus, Bus, BusConfig, InProcessBus, OffsetStore};
 use strait_schema::AgentName;
 use tokio::sync::watch;
 
+use crate::cluster::{BusOut, RemoteStreams};
 use crate::config::{Backends, NodeConfig};
-use crate::directory::{Directory, MemoryDirectory};
+use crate::directory::{Directory, MemoryDirectory, RedisDirectory};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::session::{AgentSession, Kick};
-use crate::store::{SqliteStore, Store};
-use crate::{ingress, ops, session};
+use crate::session::{AgentSession, Drain, Kick};
+use crate::store::{PgStore, SqliteStore, Store};
+use crate::{cluster, ingress, ops, session};
 
 /// Lifecycle of a node, as `/readyz` and tests see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,13 +42,19 @@ pub struct SessionRef {
     pub session_id: u64,
     /// The session actor.
     pub addr: Addr<AgentSession>,
+    /// Presence epoch of this session (frames relayed for an older one are dropped).
+    pub epoch: u64,
 }
 
 /// Agents with a session on this node. The directory says which node holds an agent; this says
 /// which actor on this node does.
+///
+/// A draining session whose agent already reconnected elsewhere is *retired*: new streams go to
+/// the new connection, but frames for its in-flight relayed streams still reach it by epoch.
 #[derive(Default)]
 pub struct LocalSessions {
     map: RwLock<HashMap<AgentName, SessionRef>>,
+    retired: RwLock<HashMap<(AgentName, u64), SessionRef>>,
 }
 
 impl LocalSessions {
@@ -65,6 +72,27 @@ impl LocalSessions {
         if m.get(agent).is_some_and(|s| s.session_id == session_id) {
             m.remove(agent);
         }
+        drop(m);
+        self.retired
+            .write()
+            .retain(|(a, _), s| !(a == agent && s.session_id == session_id));
+    }
+
+    /// Moves a draining session out of the way of new streams, keeping it reachable by epoch.
+    pub fn retire(&self, agent: &AgentName, session_id: u64) {
+        let mut m = self.map.write();
+        if let Some(s) = m.get(agent).filter(|s| s.session_id == session_id).cloned() {
+            m.remove(agent);
+            self.retired.write().insert((agent.clone(), s.epoch), s);
+        }
+    }
+
+    /// The session holding `agent` at exactly `epoch`, active or retired.
+    pub fn at_epoch(&self, agent: &AgentName, epoch: u64) -> Option<SessionRef> {
+        if let Some(s) = self.map.read().get(agent).filter(|s| s.epoch == epoch) {
+            return Some(s.clone());
+        }
+        self.retired.read().get(&(agent.clone(), epoch)).cloned()
     }
     /// How many agents are connected here.
     pub fn len(&self) -> usize {
@@ -74,9 +102,11 @@ impl LocalSessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Every session (for drain and shutdown).
+    /// Every session, active and retired (for drain and shutdown).
     pub fn all(&self) -> Vec<SessionRef> {
-        self.map.read().values().cloned().collect()
+        let mut v: Vec<SessionRef> = self.map.read().values().cloned().collect();
+        v.extend(self.retired.read().values().cloned());
+        v
     }
 }
 
@@ -96,25 +126,46 @@ pub struct NodeState {
     pub metrics: Metrics,
     /// Lifecycle.
     pub phase: watch::Sender<Phase>,
+    /// Streams opened here on agents held by other nodes.
+    pub remote: RemoteStreams,
+    /// Sends envelopes to other nodes.
+    pub bus_out: BusOut,
+    bus_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<strait_schema::BusEnvelope>>>,
 }
 
 impl NodeState {
-    /// Opens the backends the config names.
-    pub fn open(cfg: NodeConfig) -> Result<Arc<Self>, Error> {
+    /// Opens the backends the config names. Cluster connections are made here, once, on the
+    /// caller's runtime (the node's main arbiter), so they live as long as the node.
+    pub async fn open(cfg: NodeConfig) -> Result<Arc<Self>, Error> {
         let (store, directory, bus): (Arc<dyn Store>, Arc<dyn Directory>, Arc<dyn Bus>) = match &cfg.backends {
             Backends::Embedded { data_dir } => (
                 Arc::new(SqliteStore::open(data_dir)?),
                 Arc::new(MemoryDirectory::new()),
                 Arc::new(InProcessBus::new()),
             ),
-            Backends::Cluster { .. } => {
-                return Err(Error::Config(
-                    "cluster backends (Redis, RabbitMQ, Postgres) are not available in this build yet".into(),
-                ))
+            Backends::Cluster { redis, amqp, db } => {
+                let directory: Arc<dyn Directory> =
+                    Arc::new(RedisDirectory::connect(redis, &format!("{}:", cfg.cluster)).await?);
+                let store = Arc::new(PgStore::connect(db).await?);
+                let offsets = Arc::new(DirectoryOffsets(directory.clone()));
+                let bus_cfg = BusConfig::new(cfg.cluster.clone(), cfg.node_id.clone());
+                let bus = Arc::new(AmqpBus::connect(amqp, bus_cfg, offsets).await?);
+                (store, directory, bus)
             }
         };
+        Ok(Self::with_backends(cfg, store, directory, bus))
+    }
+
+    /// A node on the given backends (tests build cluster nodes this way, sharing real ones).
+    pub fn with_backends(
+        cfg: NodeConfig,
+        store: Arc<dyn Store>,
+        directory: Arc<dyn Directory>,
+        bus: Arc<dyn Bus>,
+    ) -> Arc<Self> {
         let (phase, _) = watch::channel(Phase::Starting);
-        Ok(Arc::new(NodeState {
+        let (bus_out, bus_rx) = BusOut::new(&cfg.node_id);
+        Arc::new(NodeState {
             cfg,
             store,
             directory,
@@ -122,12 +173,34 @@ impl NodeState {
             sessions: LocalSessions::default(),
             metrics: Metrics::new(),
             phase,
-        }))
+            remote: RemoteStreams::default(),
+            bus_out,
+            bus_rx: parking_lot::Mutex::new(Some(bus_rx)),
+        })
     }
 
     /// Current phase.
     pub fn phase(&self) -> Phase {
         *self.phase.borrow()
+    }
+}
+
+/// Bus consumer offsets kept in the directory (Redis): RabbitMQ does not store them for streams.
+struct DirectoryOffsets(Arc<dyn Directory>);
+
+#[async_trait::async_trait]
+impl OffsetStore for DirectoryOffsets {
+    async fn load(&self, stream: &str) -> Result<Option<u64>, strait_bus::Error> {
+        self.0
+            .load_offset(stream)
+            .await
+            .map_err(|e| strait_bus::Error::OffsetStore(Box::new(e)))
+    }
+    async fn store(&self, stream: &str, offset: u64) -> Result<(), strait_bus::Error> {
+        self.0
+            .store_offset(stream, offset)
+            .await
+            .map_err(|e| strait_bus::Error::OffsetStore(Box::new(e)))
     }
 }
 
@@ -196,6 +269,13 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     let servers = actix_rt::spawn(async move {
         let _ = futures_util::future::join3(agent_srv, http_srv, ops_srv).await;
     });
+    let inbox = state.bus.subscribe(&cfg.node_id).await?;
+    let bridge = actix_rt::spawn(cluster::bridge(state.clone(), inbox));
+    let pump = match state.bus_rx.lock().take() {
+        Some(rx) => actix_rt::spawn(BusOut::pump(state.bus.clone(), rx, state.clone())),
+        None => return Err(Error::Config("a node's state can run only once".into())),
+    };
+    let liveness = actix_rt::spawn(node_liveness(state.clone()));
     let poller = actix_rt::spawn(poll_revocations(state.clone()));
     let arbiters: Vec<actix_rt::Arbiter> = (0..cfg.workers).map(|_| actix_rt::Arbiter::new()).collect();
     let routes = actix_rt::spawn(crate::tcp::run_routes(
@@ -208,10 +288,27 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     shutdown.await;
     tracing::info!(node = %cfg.node_id, "draining");
     state.phase.send_replace(Phase::Draining);
+    // Ask every agent to move; wait (bounded) until they have reconnected elsewhere, while this
+    // node keeps serving: its ingress reaches them wherever they land.
+    if !cfg.handoff.is_zero() {
+        for s in state.sessions.all() {
+            s.addr.do_send(Drain);
+        }
+        let deadline = tokio::time::Instant::now() + cfg.handoff;
+        while !state.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     poller.abort();
     routes.abort();
     // Stop taking requests, let in-flight ones finish (bounded by the grace), then drop agents.
     http_h.stop(true).await;
+    // Sessions that handed their agent over finish their in-flight streams (relayed for callers
+    // on other nodes) and close themselves; give them the drain grace.
+    let deadline = tokio::time::Instant::now() + cfg.drain_grace;
+    while !cfg.handoff.is_zero() && !state.sessions.all().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for s in state.sessions.all() {
         s.addr.do_send(Kick {
             reason: "gateway shutting down",
@@ -224,9 +321,34 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
         a.stop();
         let _ = a.join();
     }
+    // Only now is this node gone for the others: until here it still relayed streams for them.
+    liveness.abort();
+    let _ = state.directory.node_gone(&cfg.node_id).await;
+    bridge.abort();
+    pump.abort();
     state.phase.send_replace(Phase::Stopped);
     tracing::info!(node = %cfg.node_id, "stopped");
     Ok(())
+}
+
+/// Keeps this node's liveness key fresh, and resets streams whose agent sat on a node that
+/// stopped heartbeating (SIGKILL, partition): their callers get an answer, not a hang.
+async fn node_liveness(state: Arc<NodeState>) {
+    let hb = state.cfg.heartbeat;
+    let ttl = hb * state.cfg.missed_heartbeats;
+    let mut tick = tokio::time::interval(hb);
+    loop {
+        tick.tick().await;
+        if let Err(e) = state.directory.node_heartbeat(&state.cfg.node_id, ttl).await {
+            tracing::warn!(error = %e, "node heartbeat failed");
+        }
+        for node in state.remote.nodes() {
+            if let Ok(false) = state.directory.node_alive(&node).await {
+                let n = state.remote.fail_node(&node, &format!("node {node} is gone"));
+                tracing::warn!(%node, streams = n, "node stopped heartbeating; reset its streams");
+            }
+        }
+    }
 }
 
 /// Drops connected agents once they are revoked, whichever process revoked them (the CLI writes

@@ -17,6 +17,7 @@ use strait_schema::{
 };
 use tokio::sync::mpsc;
 
+use crate::cluster::BusOut;
 use crate::node::{NodeState, Phase, SessionRef};
 use crate::store::now_ms;
 
@@ -27,7 +28,7 @@ static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What the writer task does with the agent's socket.
 #[derive(Debug)]
-pub(crate) enum Outgoing {
+pub enum Outgoing {
     /// One encoded frame.
     Frame(Bytes),
     /// Answer a WebSocket-level ping.
@@ -39,15 +40,74 @@ pub(crate) enum Outgoing {
 /// A handle that sends frames to one agent connection, in order, without going through the
 /// session actor's mailbox. Memory behind it is bounded by flow control: data frames are only sent
 /// within the agent's credit; everything else is small and rare.
+///
+/// For an agent held by another node the link publishes the frames to that node over the bus.
 #[derive(Clone)]
-pub struct AgentLink {
-    tx: mpsc::UnboundedSender<Outgoing>,
+pub enum AgentLink {
+    /// The agent's socket on this node.
+    Local(mpsc::UnboundedSender<Outgoing>),
+    /// The agent is on node `to`, at fencing `epoch`.
+    Remote {
+        /// Bus sender.
+        out: BusOut,
+        /// Node holding the agent.
+        to: Arc<str>,
+        /// Agent name.
+        agent: AgentName,
+        /// Presence epoch the stream was opened at.
+        epoch: u64,
+    },
 }
 
 impl AgentLink {
+    /// A link through the bus to an agent held by node `to`.
+    pub fn remote(out: BusOut, to: &str, agent: &AgentName, epoch: u64) -> Self {
+        AgentLink::Remote {
+            out,
+            to: to.into(),
+            agent: agent.clone(),
+            epoch,
+        }
+    }
+
     /// Encodes and queues a frame. Returns false when the connection is gone.
     pub fn send(&self, frame: &Frame) -> bool {
-        self.tx.send(Outgoing::Frame(Bytes::from(encode(frame)))).is_ok()
+        match self {
+            AgentLink::Local(tx) => tx.send(Outgoing::Frame(Bytes::from(encode(frame)))).is_ok(),
+            AgentLink::Remote { out, to, agent, epoch } => out.send(to, agent, *epoch, frame.clone()),
+        }
+    }
+
+    fn close(&self, reason: CloseReason) {
+        if let AgentLink::Local(tx) = self {
+            let _ = tx.send(Outgoing::Close(reason));
+        }
+    }
+
+    fn pong(&self, p: Bytes) {
+        if let AgentLink::Local(tx) = self {
+            let _ = tx.send(Outgoing::Pong(p));
+        }
+    }
+}
+
+/// How a stream's owner lets go of it: a local session forgets it; a remote stream leaves this
+/// node's table of remote streams.
+#[derive(Clone)]
+pub enum StreamCloser {
+    /// The agent's session is on this node.
+    Local(Addr<AgentSession>),
+    /// The agent is on another node.
+    Remote(Arc<NodeState>),
+}
+
+impl StreamCloser {
+    /// The owner is done with `id` (it already told the agent, if it had to).
+    pub fn close(&self, id: StreamId) {
+        match self {
+            StreamCloser::Local(a) => a.do_send(CloseStream { id }),
+            StreamCloser::Remote(n) => n.remote.remove(id),
+        }
     }
 }
 
@@ -84,6 +144,8 @@ pub struct StreamGrant {
     pub limits: WireLimits,
     /// Total bytes the agent may have sent on this stream.
     pub granted: Arc<AtomicU64>,
+    /// How the owner lets go of the stream.
+    pub closer: StreamCloser,
 }
 
 /// Asks an agent's session to register a new stream; the caller then sends the head itself.
@@ -108,6 +170,12 @@ pub struct CloseStream {
     pub id: StreamId,
 }
 
+/// The node is shutting down: tell the agent to reconnect elsewhere (`GoAway`), and keep serving
+/// this connection's in-flight streams until they finish or the node stops.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
 /// Closes the session (revoked, replaced by a newer connection, node shutting down).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -116,12 +184,107 @@ pub struct Kick {
     pub reason: &'static str,
 }
 
+/// A frame from another node for a stream on one of this node's agents (the caller is there).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromCaller {
+    /// The caller's node.
+    pub from_node: String,
+    /// The frame (opening, data, credit, fin or reset).
+    pub frame: Frame,
+}
+
+/// Who is at the other end of a stream.
+enum Caller {
+    /// An InFlight/RawStream on this node.
+    Local {
+        ctl: Recipient<StreamEvent>,
+        body: mpsc::UnboundedSender<BodyEvent>,
+    },
+    /// A caller on another node; the agent's frames are relayed there over the bus.
+    Remote {
+        node: String,
+        fin_from_caller: bool,
+        fin_from_agent: bool,
+    },
+}
+
 struct StreamEntry {
-    ctl: Recipient<StreamEvent>,
-    body: mpsc::UnboundedSender<BodyEvent>,
+    caller: Caller,
     granted: Arc<AtomicU64>,
     received: u64,
     head_seen: bool,
+}
+
+impl StreamEntry {
+    /// Delivers a frame from the agent to the caller, wherever it is. False if a local caller's
+    /// control mailbox is gone or full (the stream should be reset).
+    fn forward_to_caller(&mut self, node: &NodeState, agent: &AgentName, epoch: u64, frame: Frame) -> bool {
+        match &mut self.caller {
+            Caller::Local { ctl, body } => match frame {
+                Frame::ResponseHead(h) => ctl.try_send(StreamEvent::Head(h)).is_ok(),
+                Frame::Data(d) => {
+                    let _ = body.send(BodyEvent::Data(d.bytes));
+                    true
+                }
+                Frame::Fin(_) => {
+                    let _ = body.send(BodyEvent::Fin);
+                    true
+                }
+                Frame::Credit(c) => ctl.try_send(StreamEvent::Credit(c.bytes)).is_ok(),
+                Frame::Reset(r) => {
+                    let _ = body.send(BodyEvent::Reset(r.code, r.reason.clone()));
+                    let _ = ctl.try_send(StreamEvent::Reset(r.code, r.reason));
+                    true
+                }
+                _ => true,
+            },
+            Caller::Remote {
+                node: to,
+                fin_from_agent,
+                ..
+            } => {
+                if matches!(frame, Frame::Fin(_)) {
+                    *fin_from_agent = true;
+                }
+                node.bus_out.send(to, agent, epoch, frame)
+            }
+        }
+    }
+
+    /// Tells the caller the stream is over.
+    fn reset_caller(
+        &mut self,
+        node: &NodeState,
+        agent: &AgentName,
+        epoch: u64,
+        id: StreamId,
+        code: ErrorCode,
+        why: &str,
+    ) {
+        self.forward_to_caller(
+            node,
+            agent,
+            epoch,
+            Frame::Reset(Reset {
+                stream: id,
+                code,
+                reason: why.to_owned(),
+            }),
+        );
+    }
+
+    /// A relayed stream is over once both sides sent `Fin` (nobody on this node will close it).
+    fn relay_done(&self) -> bool {
+        matches!(
+            self.caller,
+            Caller::Remote {
+                fin_from_caller: true,
+                fin_from_agent: true,
+                ..
+            }
+        )
+    }
 }
 
 enum State {
@@ -141,6 +304,8 @@ pub struct AgentSession {
     streams: HashMap<StreamId, StreamEntry>,
     last_seen: Instant,
     decode_limits: Limits,
+    /// `GoAway` was sent: losing presence retires this session instead of closing it.
+    draining: bool,
 }
 
 /// Upgrades an agent's HTTP request to the WebSocket and starts its session actor.
@@ -170,13 +335,14 @@ pub async fn accept(
         ctx.add_stream(stream);
         AgentSession {
             node,
-            link: AgentLink { tx },
+            link: AgentLink::Local(tx),
             peer: req.peer_addr(),
             session_id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             state: State::AwaitingHello,
             streams: HashMap::new(),
             last_seen: Instant::now(),
             decode_limits,
+            draining: false,
         }
     });
     Ok(response)
@@ -226,22 +392,14 @@ impl Actor for AgentSession {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         // Every exit path ends here, so no caller is left waiting on a dead agent.
-        let reason = "agent disconnected";
-        for (_, s) in self.streams.drain() {
-            let _ = s
-                .body
-                .send(BodyEvent::Reset(ErrorCode::AgentUnavailable, reason.into()));
-            let _ = s
-                .ctl
-                .try_send(StreamEvent::Reset(ErrorCode::AgentUnavailable, reason.into()));
+        if let State::Active { agent, epoch } = std::mem::replace(&mut self.state, State::Closing) {
+            self.drain_streams(&agent, epoch, ErrorCode::AgentUnavailable, "agent disconnected");
+            self.release(agent, epoch);
         }
-        if let State::Active { agent, epoch } = &self.state {
-            self.release(agent.clone(), *epoch);
-        }
-        let _ = self.link.tx.send(Outgoing::Close(CloseReason {
+        self.link.close(CloseReason {
             code: CloseCode::Normal,
             description: None,
-        }));
+        });
     }
 }
 
@@ -257,23 +415,21 @@ impl AgentSession {
     }
 
     fn close(&mut self, ctx: &mut Context<Self>, code: CloseCode, why: &str) {
-        let _ = self.link.tx.send(Outgoing::Close(CloseReason {
+        self.link.close(CloseReason {
             code,
             description: Some(why.to_owned()),
-        }));
+        });
         if let State::Active { agent, epoch } = std::mem::replace(&mut self.state, State::Closing) {
-            // Release here rather than in `stopped`, since state is now Closing.
-            self.drain_streams(ErrorCode::AgentUnavailable, why);
+            self.drain_streams(&agent, epoch, ErrorCode::AgentUnavailable, why);
             self.release(agent, epoch);
         }
-        self.state = State::Closing;
         ctx.stop();
     }
 
-    fn drain_streams(&mut self, code: ErrorCode, why: &str) {
-        for (_, s) in self.streams.drain() {
-            let _ = s.body.send(BodyEvent::Reset(code, why.into()));
-            let _ = s.ctl.try_send(StreamEvent::Reset(code, why.into()));
+    /// Resets every open stream towards its caller (local or on another node).
+    fn drain_streams(&mut self, agent: &AgentName, epoch: u64, code: ErrorCode, why: &str) {
+        for (id, mut s) in self.streams.drain() {
+            s.reset_caller(&self.node, agent, epoch, id, code, why);
         }
     }
 
@@ -311,8 +467,16 @@ impl AgentSession {
                 .into_actor(self)
                 .map(|res, this, ctx| {
                     if let Ok(false) = res {
-                        tracing::info!("a newer connection of this agent took over; closing this one");
-                        this.close(ctx, CloseCode::Policy, "replaced by a newer connection");
+                        if this.draining {
+                            // Moved away on our request: finish what is in flight here, and what
+                            // callers routed here just before the move; the agent closes it.
+                            if let Some((agent, _)) = this.ident() {
+                                this.node.sessions.retire(&agent, this.session_id);
+                            }
+                        } else {
+                            tracing::info!("a newer connection of this agent took over; closing this one");
+                            this.close(ctx, CloseCode::Policy, "replaced by a newer connection");
+                        }
                     }
                 }),
         );
@@ -353,6 +517,7 @@ impl AgentSession {
             let sref = SessionRef {
                 session_id: this.session_id,
                 addr: ctx.address(),
+                epoch,
             };
             if let Some(old) = this.node.sessions.insert(agent.clone(), sref) {
                 old.addr.do_send(Kick {
@@ -377,7 +542,16 @@ impl AgentSession {
         }));
     }
 
+    /// The agent's identity once active (frames relayed to other nodes carry it).
+    fn ident(&self) -> Option<(AgentName, u64)> {
+        match &self.state {
+            State::Active { agent, epoch } => Some((agent.clone(), *epoch)),
+            _ => None,
+        }
+    }
+
     fn on_frame(&mut self, ctx: &mut Context<Self>, frame: Frame) {
+        let Some((agent, epoch)) = self.ident() else { return };
         match frame {
             Frame::Ping(p) => {
                 self.link.send(&Frame::Pong(Pong {
@@ -385,10 +559,24 @@ impl AgentSession {
                 }));
             }
             Frame::Pong(_) => {}
-            Frame::ResponseHead(h) => self.on_head(h),
+            Frame::ResponseHead(h) => {
+                let id = h.stream;
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return self.unknown_stream(id, "response_head");
+                };
+                if s.head_seen {
+                    return self.reset_stream(id, ErrorCode::ProtocolError, "second response head");
+                }
+                s.head_seen = true;
+                if !s.forward_to_caller(&self.node, &agent, epoch, Frame::ResponseHead(h)) {
+                    // The caller is already gone; tell the agent so it stops sending.
+                    self.reset_stream(id, ErrorCode::Reset, "caller went away");
+                }
+            }
             Frame::Data(d) => {
-                let Some(s) = self.streams.get_mut(&d.stream) else {
-                    return self.unknown_stream(d.stream, "data");
+                let id = d.stream;
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return self.unknown_stream(id, "data");
                 };
                 s.received += d.bytes.len() as u64;
                 if !s.head_seen || s.received > s.granted.load(Ordering::Acquire) {
@@ -397,34 +585,38 @@ impl AgentSession {
                     } else {
                         "data before response head"
                     };
-                    return self.reset_stream(d.stream, ErrorCode::ProtocolError, why);
+                    return self.reset_stream(id, ErrorCode::ProtocolError, why);
                 }
-                self.node
-                    .metrics
-                    .bytes
-                    .with_label_values(&["out"])
-                    .inc_by(d.bytes.len() as u64);
-                let _ = s.body.send(BodyEvent::Data(d.bytes));
+                if matches!(s.caller, Caller::Local { .. }) {
+                    self.node
+                        .metrics
+                        .bytes
+                        .with_label_values(&["out"])
+                        .inc_by(d.bytes.len() as u64);
+                }
+                s.forward_to_caller(&self.node, &agent, epoch, Frame::Data(d));
             }
-            Frame::Fin(f) => match self.streams.get(&f.stream) {
+            Frame::Fin(f) => match self.streams.get_mut(&f.stream) {
                 Some(s) if s.head_seen => {
-                    let _ = s.body.send(BodyEvent::Fin);
+                    s.forward_to_caller(&self.node, &agent, epoch, Frame::Fin(f));
+                    if s.relay_done() {
+                        self.streams.remove(&f.stream);
+                    }
                 }
                 Some(_) => self.reset_stream(f.stream, ErrorCode::ProtocolError, "fin before response head"),
                 None => self.unknown_stream(f.stream, "fin"),
             },
             Frame::Credit(c) => {
-                if let Some(s) = self.streams.get(&c.stream) {
-                    if s.ctl.try_send(StreamEvent::Credit(c.bytes)).is_err() {
+                if let Some(s) = self.streams.get_mut(&c.stream) {
+                    if !s.forward_to_caller(&self.node, &agent, epoch, Frame::Credit(c)) {
                         self.reset_stream(c.stream, ErrorCode::ProtocolError, "too many credit frames");
                     }
                 }
             }
             Frame::Reset(r) => {
-                if let Some(s) = self.streams.remove(&r.stream) {
+                if let Some(mut s) = self.streams.remove(&r.stream) {
                     self.node.metrics.resets.with_label_values(&[r.code.as_str()]).inc();
-                    let _ = s.body.send(BodyEvent::Reset(r.code, r.reason.clone()));
-                    let _ = s.ctl.try_send(StreamEvent::Reset(r.code, r.reason));
+                    s.forward_to_caller(&self.node, &agent, epoch, Frame::Reset(r));
                 }
             }
             Frame::RequestHead(RequestHead { stream, .. }) | Frame::StreamOpen(StreamOpen { stream, .. }) => {
@@ -439,21 +631,6 @@ impl AgentSession {
                 self.refuse_frame("unexpected_control_frame");
                 self.close(ctx, CloseCode::Protocol, "unexpected control frame after handshake");
             }
-        }
-    }
-
-    fn on_head(&mut self, h: ResponseHead) {
-        let id = h.stream;
-        let Some(s) = self.streams.get_mut(&id) else {
-            return self.unknown_stream(id, "response_head");
-        };
-        if s.head_seen {
-            return self.reset_stream(id, ErrorCode::ProtocolError, "second response head");
-        }
-        s.head_seen = true;
-        if s.ctl.try_send(StreamEvent::Head(h)).is_err() {
-            // The caller is already gone; tell the agent so it stops sending.
-            self.reset_stream(id, ErrorCode::Reset, "caller went away");
         }
     }
 
@@ -482,9 +659,8 @@ impl AgentSession {
             code,
             reason: why.to_owned(),
         }));
-        if let Some(s) = self.streams.remove(&id) {
-            let _ = s.body.send(BodyEvent::Reset(code, why.into()));
-            let _ = s.ctl.try_send(StreamEvent::Reset(code, why.into()));
+        if let (Some(mut s), Some((agent, epoch))) = (self.streams.remove(&id), self.ident()) {
+            s.reset_caller(&self.node, &agent, epoch, id, code, why);
         }
     }
 }
@@ -551,7 +727,7 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for AgentSession {
         let bytes = match msg {
             Ok(WsMessage::Binary(b)) => b,
             Ok(WsMessage::Ping(p)) => {
-                let _ = self.link.tx.send(Outgoing::Pong(p));
+                self.link.pong(p);
                 return;
             }
             Ok(WsMessage::Pong(_)) => return,
@@ -611,29 +787,45 @@ impl AgentSession {
     }
 }
 
-impl Handler<OpenStream> for AgentSession {
-    type Result = Result<StreamGrant, (ErrorCode, String)>;
-
-    fn handle(&mut self, msg: OpenStream, _: &mut Self::Context) -> Self::Result {
+impl AgentSession {
+    /// Whether a new stream may open: the session is active, under its stream cap, and the id is
+    /// new. Shared by local and relayed opens so both refuse with the same codes.
+    fn admit(&self, id: StreamId) -> Result<(), (ErrorCode, String)> {
         if !matches!(self.state, State::Active { .. }) {
             return Err((ErrorCode::AgentUnavailable, "agent is disconnecting".into()));
         }
-        let limits = self.node.cfg.limits;
-        if self.streams.len() >= limits.max_streams as usize {
+        let max = self.node.cfg.limits.max_streams as usize;
+        if self.streams.len() >= max {
             return Err((
                 ErrorCode::TooManyStreams,
                 format!("agent has {} streams open", self.streams.len()),
             ));
         }
-        if self.streams.contains_key(&msg.id) {
+        if self.streams.contains_key(&id) {
             return Err((ErrorCode::Internal, "stream id collision".into()));
         }
-        let granted = Arc::new(AtomicU64::new(u64::from(limits.stream_window)));
+        Ok(())
+    }
+
+    fn window(&self) -> Arc<AtomicU64> {
+        Arc::new(AtomicU64::new(u64::from(self.node.cfg.limits.stream_window)))
+    }
+}
+
+impl Handler<OpenStream> for AgentSession {
+    type Result = Result<StreamGrant, (ErrorCode, String)>;
+
+    fn handle(&mut self, msg: OpenStream, ctx: &mut Self::Context) -> Self::Result {
+        self.admit(msg.id)?;
+        let granted = self.window();
+        let caller = Caller::Local {
+            ctl: msg.ctl,
+            body: msg.body,
+        };
         self.streams.insert(
             msg.id,
             StreamEntry {
-                ctl: msg.ctl,
-                body: msg.body,
+                caller,
                 granted: granted.clone(),
                 received: 0,
                 head_seen: !msg.expects_head,
@@ -641,9 +833,76 @@ impl Handler<OpenStream> for AgentSession {
         );
         Ok(StreamGrant {
             link: self.link.clone(),
-            limits,
+            limits: self.node.cfg.limits,
             granted,
+            closer: StreamCloser::Local(ctx.address()),
         })
+    }
+}
+
+impl Handler<FromCaller> for AgentSession {
+    type Result = ();
+
+    /// Frames from a caller on another node: opens are admitted like local ones (refusals go back
+    /// over the bus), the rest are passed to the agent, with credit counted for enforcement.
+    fn handle(&mut self, msg: FromCaller, _: &mut Self::Context) {
+        let Some((agent, epoch)) = self.ident() else { return };
+        let Some(id) = msg.frame.stream() else { return };
+        match &msg.frame {
+            Frame::RequestHead(_) | Frame::StreamOpen(_) => {
+                if let Err((code, why)) = self.admit(id) {
+                    let reset = Frame::Reset(Reset {
+                        stream: id,
+                        code,
+                        reason: why,
+                    });
+                    self.node.bus_out.send(&msg.from_node, &agent, epoch, reset);
+                    return;
+                }
+                let head_seen = matches!(msg.frame, Frame::StreamOpen(_));
+                let caller = Caller::Remote {
+                    node: msg.from_node,
+                    fin_from_caller: false,
+                    fin_from_agent: false,
+                };
+                self.streams.insert(
+                    id,
+                    StreamEntry {
+                        caller,
+                        granted: self.window(),
+                        received: 0,
+                        head_seen,
+                    },
+                );
+                self.link.send(&msg.frame);
+            }
+            _ => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    self.refuse_frame("unknown_relayed_stream");
+                    return;
+                };
+                if !matches!(&s.caller, Caller::Remote { node, .. } if *node == msg.from_node) {
+                    self.refuse_frame("relayed_frame_from_wrong_node");
+                    return;
+                }
+                match &msg.frame {
+                    Frame::Credit(c) => {
+                        s.granted.fetch_add(u64::from(c.bytes), Ordering::AcqRel);
+                    }
+                    Frame::Fin(_) => {
+                        if let Caller::Remote { fin_from_caller, .. } = &mut s.caller {
+                            *fin_from_caller = true;
+                        }
+                    }
+                    _ => {}
+                }
+                let done = s.relay_done() || matches!(msg.frame, Frame::Reset(_));
+                self.link.send(&msg.frame);
+                if done {
+                    self.streams.remove(&id);
+                }
+            }
+        }
     }
 }
 
@@ -651,6 +910,18 @@ impl Handler<CloseStream> for AgentSession {
     type Result = ();
     fn handle(&mut self, msg: CloseStream, _: &mut Self::Context) {
         self.streams.remove(&msg.id);
+    }
+}
+
+impl Handler<Drain> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, _: Drain, _: &mut Self::Context) {
+        if matches!(self.state, State::Active { .. }) && !self.draining {
+            self.draining = true;
+            self.link.send(&Frame::GoAway(strait_schema::GoAway {
+                reason: "gateway node is draining".into(),
+            }));
+        }
     }
 }
 

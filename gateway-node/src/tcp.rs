@@ -16,9 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::cluster;
 use crate::inflight::CreditReturner;
 use crate::node::NodeState;
-use crate::session::{AgentLink, AgentSession, BodyEvent, CloseStream, OpenStream, StreamEvent};
+use crate::session::{AgentLink, BodyEvent, OpenStream, StreamCloser, StreamEvent};
 use crate::store::{now_ms, Route};
 
 /// Keeps one listener per stored route, reloading the route table every `cfg.route_poll`, so
@@ -38,14 +39,14 @@ pub async fn run_routes(state: Arc<NodeState>, arbiters: Vec<ArbiterHandle>) {
             }
         };
         live.retain(|addr, (route, task)| {
-            let keep = routes.iter().any(|r| r == route);
+            let keep = routes.iter().any(|r| r == route && r.served_by(&state.cfg.node_id));
             if !keep {
                 tracing::info!(listen = %addr, "TCP route removed; no longer listening");
                 task.abort();
             }
             keep
         });
-        for route in routes {
+        for route in routes.into_iter().filter(|r| r.served_by(&state.cfg.node_id)) {
             if live.contains_key(&route.listen) {
                 continue;
             }
@@ -107,29 +108,23 @@ async fn open(state: Arc<NodeState>, route: Route, sock: tokio::net::TcpStream, 
         tracing::info!(listen = %route.listen, %peer, agent = %route.agent, %code, why, "TCP connection refused");
         state.metrics.streams.with_label_values(&[code.as_str()]).inc();
     };
-    let Some(session) = state.sessions.get(&route.agent) else {
-        return refuse(
-            ErrorCode::AgentUnavailable,
-            format!("agent {} is not connected", route.agent),
-        );
+    let target = match cluster::locate(&state, &route.agent).await {
+        Ok(t) => t,
+        Err((code, why)) => return refuse(code, why),
     };
     let id = StreamId::random();
     let (body_tx, body_rx) = mpsc::unbounded_channel();
     let ctx = Context::<RawStream>::new();
     let addr = ctx.address();
-    let grant = match session
-        .addr
-        .send(OpenStream {
-            id,
-            ctl: addr.recipient(),
-            body: body_tx,
-            expects_head: false,
-        })
-        .await
-    {
-        Ok(Ok(g)) => g,
-        Ok(Err((code, why))) => return refuse(code, why),
-        Err(_) => return refuse(ErrorCode::AgentUnavailable, "agent disconnected".into()),
+    let open = OpenStream {
+        id,
+        ctl: addr.recipient(),
+        body: body_tx,
+        expects_head: false,
+    };
+    let grant = match cluster::open_stream(&state, &target, &route.agent, open).await {
+        Ok(g) => g,
+        Err((code, why)) => return refuse(code, why),
     };
     if !grant.link.send(&Frame::StreamOpen(StreamOpen {
         stream: id,
@@ -142,7 +137,7 @@ async fn open(state: Arc<NodeState>, route: Route, sock: tokio::net::TcpStream, 
     let stream = RawStream {
         id,
         node: state.clone(),
-        session: session.addr,
+        closer: grant.closer.clone(),
         link: grant.link.clone(),
         credit: Arc::new(Semaphore::new(grant.limits.stream_window as usize)),
         last_activity_ms: Arc::new(AtomicU64::new(now_ms())),
@@ -185,7 +180,7 @@ enum HalfDone {
 pub struct RawStream {
     id: StreamId,
     node: Arc<NodeState>,
-    session: Addr<AgentSession>,
+    closer: StreamCloser,
     link: AgentLink,
     credit: Arc<Semaphore>,
     last_activity_ms: Arc<AtomicU64>,
@@ -253,7 +248,7 @@ impl Actor for RawStream {
                 reason: "caller went away".into(),
             }));
         }
-        self.session.do_send(CloseStream { id: self.id });
+        self.closer.close(self.id);
         let outcome = self.outcome.map_or("ok", |(c, _)| c.as_str());
         self.node.metrics.streams.with_label_values(&[outcome]).inc();
     }

@@ -15,7 +15,11 @@ use crate::error::Error;
 struct State {
     nonces: HashMap<String, Instant>,
     presence: HashMap<AgentName, (Presence, Instant)>,
+    /// One counter for all agents: per-agent epochs then only grow, also across expiry.
     epoch: u64,
+    nodes: HashMap<String, Instant>,
+    pins: HashMap<String, (String, Instant)>,
+    offsets: HashMap<String, u64>,
     last_sweep: Option<Instant>,
 }
 
@@ -30,6 +34,8 @@ impl State {
         self.last_sweep = Some(now);
         self.nonces.retain(|_, exp| *exp > now);
         self.presence.retain(|_, (_, exp)| *exp > now);
+        self.nodes.retain(|_, exp| *exp > now);
+        self.pins.retain(|_, (_, exp)| *exp > now);
     }
 }
 
@@ -86,7 +92,7 @@ impl Directory for MemoryDirectory {
         let now = Instant::now();
         let mut s = self.state.lock();
         match s.presence.get_mut(agent) {
-            Some((p, exp)) if p.epoch == epoch => {
+            Some((p, exp)) if p.epoch == epoch && *exp > now => {
                 *exp = now + ttl;
                 Ok(true)
             }
@@ -110,34 +116,88 @@ impl Directory for MemoryDirectory {
             .filter(|(_, exp)| *exp > now)
             .map(|(p, _)| p.clone()))
     }
+
+    async fn node_heartbeat(&self, node_id: &str, ttl: Duration) -> Result<(), Error> {
+        let now = Instant::now();
+        let mut s = self.state.lock();
+        s.sweep(now);
+        s.nodes.insert(node_id.to_owned(), now + ttl);
+        Ok(())
+    }
+
+    async fn node_alive(&self, node_id: &str) -> Result<bool, Error> {
+        let now = Instant::now();
+        Ok(self.state.lock().nodes.get(node_id).is_some_and(|exp| *exp > now))
+    }
+
+    async fn node_gone(&self, node_id: &str) -> Result<(), Error> {
+        self.state.lock().nodes.remove(node_id);
+        Ok(())
+    }
+
+    async fn pin(&self, key: &str, value: &str, ttl: Duration) -> Result<Option<String>, Error> {
+        let now = Instant::now();
+        let mut s = self.state.lock();
+        s.sweep(now);
+        match s.pins.get(key) {
+            Some((holder, exp)) if *exp > now => Ok(Some(holder.clone())),
+            _ => {
+                s.pins.insert(key.to_owned(), (value.to_owned(), now + ttl));
+                Ok(None)
+            }
+        }
+    }
+
+    async fn renew_pin(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, Error> {
+        let now = Instant::now();
+        let mut s = self.state.lock();
+        match s.pins.get_mut(key) {
+            Some((holder, exp)) if holder == value && *exp > now => {
+                *exp = now + ttl;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release_pin(&self, key: &str, value: &str) -> Result<(), Error> {
+        let mut s = self.state.lock();
+        if s.pins.get(key).is_some_and(|(holder, _)| holder == value) {
+            s.pins.remove(key);
+        }
+        Ok(())
+    }
+
+    async fn pinned(&self, key: &str) -> Result<Option<String>, Error> {
+        let now = Instant::now();
+        let s = self.state.lock();
+        Ok(s.pins
+            .get(key)
+            .filter(|(_, exp)| *exp > now)
+            .map(|(holder, _)| holder.clone()))
+    }
+
+    async fn load_offset(&self, stream: &str) -> Result<Option<u64>, Error> {
+        Ok(self.state.lock().offsets.get(stream).copied())
+    }
+
+    async fn store_offset(&self, stream: &str, offset: u64) -> Result<(), Error> {
+        // Deliveries can finish out of order: an older offset must not move the resume point back.
+        let mut s = self.state.lock();
+        let stored = s.offsets.entry(stream.to_owned()).or_insert(offset);
+        *stored = (*stored).max(offset);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::directory::contract::{self, Case};
 
-    #[tokio::test]
-    async fn nonce_is_refused_within_its_window_and_accepted_after() {
-        let d = MemoryDirectory::new();
-        assert!(d.remember_nonce("a:1", Duration::from_millis(50)).await.unwrap());
-        assert!(!d.remember_nonce("a:1", Duration::from_millis(50)).await.unwrap());
-        assert!(d.remember_nonce("a:2", Duration::from_millis(50)).await.unwrap());
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(d.remember_nonce("a:1", Duration::from_millis(50)).await.unwrap());
+    async fn with_memory(case: Case) {
+        case(&MemoryDirectory::new()).await;
     }
 
-    #[tokio::test]
-    async fn newer_epoch_fences_the_older_connection() {
-        let d = MemoryDirectory::new();
-        let a = AgentName::new("alpha").unwrap();
-        let ttl = Duration::from_secs(5);
-        let e1 = d.claim_presence(&a, "n1", "i1", ttl).await.unwrap();
-        let e2 = d.claim_presence(&a, "n2", "i1", ttl).await.unwrap();
-        assert!(e2 > e1);
-        assert!(!d.refresh_presence(&a, e1, ttl).await.unwrap());
-        d.release_presence(&a, e1).await.unwrap();
-        assert_eq!(d.presence(&a).await.unwrap().unwrap().node_id, "n2");
-        d.release_presence(&a, e2).await.unwrap();
-        assert!(d.presence(&a).await.unwrap().is_none());
-    }
+    contract::directory_contract_tests!(with_memory);
 }

@@ -1,13 +1,17 @@
 //! Cluster state that is shared but short-lived: which node holds which agent (presence) and
 //! which handshake nonces were already used. A single node keeps it in memory; a cluster in Redis.
 
+#[cfg(test)]
+pub(crate) mod contract;
 mod memory;
+mod redis;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use strait_schema::AgentName;
 
+pub use self::redis::RedisDirectory;
 pub use memory::MemoryDirectory;
 
 use crate::error::Error;
@@ -43,4 +47,28 @@ pub trait Directory: Send + Sync + 'static {
     async fn release_presence(&self, agent: &AgentName, epoch: u64) -> Result<(), Error>;
     /// Where the agent is, if anywhere.
     async fn presence(&self, agent: &AgentName) -> Result<Option<Presence>, Error>;
+
+    /// Marks this node alive for `ttl` (called every heartbeat). A node whose key expired is
+    /// dead: callers of streams it carried are reset, and its agents reconnect elsewhere.
+    async fn node_heartbeat(&self, node_id: &str, ttl: Duration) -> Result<(), Error>;
+    /// Whether `node_id` heartbeated within its ttl.
+    async fn node_alive(&self, node_id: &str) -> Result<bool, Error>;
+    /// Removes this node's liveness key at once (clean shutdown).
+    async fn node_gone(&self, node_id: &str) -> Result<(), Error>;
+
+    /// Pins `key` (a tunnel or affinity key) to `value` for `ttl` if nobody holds it (SET NX).
+    /// Returns `None` when the pin was taken, or `Some(current holder)` when someone else has it.
+    async fn pin(&self, key: &str, value: &str, ttl: Duration) -> Result<Option<String>, Error>;
+    /// Extends a pin only if it still holds `value` (compare-then-expire). False if lost.
+    async fn renew_pin(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, Error>;
+    /// Releases a pin only if it still holds `value` (compare-then-delete).
+    async fn release_pin(&self, key: &str, value: &str) -> Result<(), Error>;
+    /// Current holder of a pin.
+    async fn pinned(&self, key: &str) -> Result<Option<String>, Error>;
+
+    /// The last bus offset this node fully processed on `stream`, so a restarted consumer
+    /// resumes at stored + 1 (the broker does not keep consumer offsets for streams).
+    async fn load_offset(&self, stream: &str) -> Result<Option<u64>, Error>;
+    /// Records the last processed offset on `stream`.
+    async fn store_offset(&self, stream: &str, offset: u64) -> Result<(), Error>;
 }

@@ -2,20 +2,40 @@
 //! [`Store`] trait so a single node runs on an embedded SQLite file and a cluster on Postgres,
 //! with the same numbered migrations.
 
+#[cfg(test)]
+mod contract;
+pub mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
 use strait_schema::{AgentName, Secret};
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::error::Error;
 
-/// Numbered migrations, applied in order at start by every store.
+/// Numbered migrations, applied in order at start by every store. One set of files for SQLite and
+/// Postgres, so each is written in the SQL both accept (`BYTEA`, `BIGINT`, `IF NOT EXISTS`).
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "agents", include_str!("migrations/0001_agents.sql")),
     (2, "routes", include_str!("migrations/0002_routes.sql")),
+    (3, "route_node", include_str!("migrations/0003_route_node.sql")),
 ];
+
+/// The table where every store records which migrations it applied, and with which checksum.
+const SCHEMA_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)";
+
+/// FNV-1a of the migration text: detects edits to an applied migration (not a security check).
+fn checksum(sql: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sql.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
 
 /// A gateway TCP port mapped to an agent's named service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +46,15 @@ pub struct Route {
     pub agent: AgentName,
     /// The agent's TCP service name.
     pub service: String,
+    /// Only this node listens for the route (`None`: every node does).
+    pub node: Option<String>,
+}
+
+impl Route {
+    /// Whether node `node_id` should listen for this route.
+    pub fn served_by(&self, node_id: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node_id)
+    }
 }
 
 /// One agent identity as stored.
@@ -67,7 +96,7 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Checks a stored route row; a row a newer or broken writer left behind is an error, not a panic.
-fn route_from_row((listen, agent, service): (String, String, String)) -> Result<Route, Error> {
+fn route_from_row((listen, agent, service, node): (String, String, String, Option<String>)) -> Result<Route, Error> {
     Ok(Route {
         listen: listen
             .parse()
@@ -75,6 +104,7 @@ fn route_from_row((listen, agent, service): (String, String, String)) -> Result<
         agent: AgentName::new(&agent)
             .ok_or_else(|| Error::Store(format!("stored route agent {agent:?} is invalid")))?,
         service,
+        node,
     })
 }
 

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use strait_schema::{AgentName, Secret};
 
-use super::{AgentRecord, Route, Store, MIGRATIONS};
+use super::{checksum, AgentRecord, Route, Store, MIGRATIONS, SCHEMA_MIGRATIONS_TABLE};
 use crate::error::Error;
 
 /// SQLite-file implementation of [`Store`]. WAL mode with a busy timeout, so the CLI
@@ -49,10 +49,7 @@ impl SqliteStore {
 /// Applies every migration not yet recorded, each in its own `BEGIN IMMEDIATE` transaction so two
 /// processes starting at once do not both apply it. A changed migration file is refused.
 fn migrate(conn: &mut Connection) -> Result<(), Error> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-            version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)",
-    )?;
+    conn.execute_batch(SCHEMA_MIGRATIONS_TABLE)?;
     for (version, name, sql) in MIGRATIONS {
         let sum = checksum(sql);
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -81,16 +78,6 @@ fn migrate(conn: &mut Connection) -> Result<(), Error> {
         tx.commit()?;
     }
     Ok(())
-}
-
-/// FNV-1a of the migration text: detects edits to an applied migration (not a security check).
-pub(crate) fn checksum(sql: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in sql.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
 }
 
 /// An `agents` row as SQLite returns it: name, key id, secret, created, revoked.
@@ -195,13 +182,14 @@ impl Store for SqliteStore {
     async fn add_route(&self, r: Route) -> Result<(), Error> {
         self.with(move |c| {
             let n = c.execute(
-                "INSERT INTO routes (listen, agent, service, created_at_ms) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO routes (listen, agent, service, created_at_ms, node) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (listen) DO NOTHING",
                 params![
                     r.listen.to_string(),
                     r.agent.as_str(),
                     r.service,
-                    super::now_ms() as i64
+                    super::now_ms() as i64,
+                    r.node
                 ],
             )?;
             if n == 0 {
@@ -214,9 +202,14 @@ impl Store for SqliteStore {
 
     async fn list_routes(&self) -> Result<Vec<Route>, Error> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT listen, agent, service FROM routes ORDER BY listen")?;
+            let mut st = c.prepare("SELECT listen, agent, service, node FROM routes ORDER BY listen")?;
             let rows = st.query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
             })?;
             let mut out = Vec::new();
             for r in rows {
@@ -246,70 +239,95 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    use async_trait::async_trait;
+
     use super::*;
-    use crate::store::now_ms;
+    use crate::store::contract::{self, Case, Reopen, ReopenCase};
 
-    fn rec(name: &str) -> AgentRecord {
-        AgentRecord {
-            name: AgentName::new(name).unwrap(),
-            key_id: "k1".into(),
-            secret: Secret::generate(),
-            created_at_ms: now_ms(),
-            revoked_at_ms: None,
+    async fn with_sqlite(case: Case) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        case(&store).await;
+    }
+
+    /// Reopens [`SqliteStore`]s on one directory, and edits the file behind the store's back.
+    struct SqliteReopen {
+        dir: tempfile::TempDir,
+    }
+
+    impl SqliteReopen {
+        fn raw(&self) -> Connection {
+            Connection::open(self.dir.path().join("strait.db")).unwrap()
         }
     }
 
-    #[tokio::test]
-    async fn agents_survive_reopen_and_revocation_is_recorded() {
-        let dir = tempfile::tempdir().unwrap();
-        let r = rec("alpha");
-        {
-            let s = SqliteStore::open(dir.path()).unwrap();
-            s.create_agent(r.clone()).await.unwrap();
-            assert!(matches!(s.create_agent(rec("alpha")).await, Err(Error::AgentExists(_))));
+    #[async_trait]
+    impl Reopen for SqliteReopen {
+        async fn open(&self) -> Result<Box<dyn Store>, Error> {
+            Ok(Box::new(SqliteStore::open(self.dir.path())?))
         }
-        let s = SqliteStore::open(dir.path()).unwrap();
-        let got = s.agent(&r.name).await.unwrap().unwrap();
-        assert_eq!(got.secret, r.secret);
-        assert_eq!(got.key_id, "k1");
-        s.revoke_agent(&r.name, 1234).await.unwrap();
-        assert_eq!(s.agent(&r.name).await.unwrap().unwrap().revoked_at_ms, Some(1234));
-        assert_eq!(s.revoked_since(1000).await.unwrap(), vec![(r.name.clone(), 1234)]);
-        assert!(s.revoked_since(2000).await.unwrap().is_empty());
-        // A revoked name can be issued again, with a new key.
-        s.create_agent(rec("alpha")).await.unwrap();
-        assert_eq!(s.agent(&r.name).await.unwrap().unwrap().revoked_at_ms, None);
-        assert!(matches!(
-            s.revoke_agent(&AgentName::new("nobody").unwrap(), 1).await,
-            Err(Error::NoSuchAgent(_))
-        ));
+
+        async fn set_checksum(&self, version: u32, checksum: &str) {
+            let n = self
+                .raw()
+                .execute(
+                    "UPDATE schema_migrations SET checksum = ?2 WHERE version = ?1",
+                    params![version, checksum],
+                )
+                .unwrap();
+            assert_eq!(n, 1, "migration {version} is recorded");
+        }
+
+        async fn applied_migrations(&self) -> Vec<(u32, String, String)> {
+            let c = self.raw();
+            let mut st = c
+                .prepare("SELECT version, name, checksum FROM schema_migrations ORDER BY version")
+                .unwrap();
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
     }
 
-    #[tokio::test]
-    async fn routes_are_added_listed_and_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(dir.path()).unwrap();
-        let r = Route {
-            listen: "127.0.0.1:2222".parse().unwrap(),
-            agent: AgentName::new("alpha").unwrap(),
-            service: "ssh".into(),
+    async fn with_sqlite_reopen(case: ReopenCase) {
+        let reopen = SqliteReopen {
+            dir: tempfile::tempdir().unwrap(),
         };
-        s.add_route(r.clone()).await.unwrap();
-        assert!(matches!(s.add_route(r.clone()).await, Err(Error::RouteExists(_))));
-        assert_eq!(s.list_routes().await.unwrap(), vec![r.clone()]);
-        s.remove_route(r.listen).await.unwrap();
-        assert!(s.list_routes().await.unwrap().is_empty());
-        assert!(matches!(s.remove_route(r.listen).await, Err(Error::NoSuchRoute(_))));
+        case(&reopen).await;
     }
 
-    #[test]
-    fn a_changed_migration_is_refused() {
+    contract::store_contract_tests!(with_sqlite, with_sqlite_reopen);
+
+    /// The shared migration declares `secret BYTEA`, which SQLite gives NUMERIC affinity: check the
+    /// value is still kept as a blob (no conversion to a number or text), byte for byte.
+    #[tokio::test]
+    async fn secret_is_stored_as_a_blob_despite_the_bytea_column() {
         let dir = tempfile::tempdir().unwrap();
-        drop(SqliteStore::open(dir.path()).unwrap());
-        let c = Connection::open(dir.path().join("strait.db")).unwrap();
-        c.execute("UPDATE schema_migrations SET checksum = 'x' WHERE version = 1", [])
+        let s = SqliteStore::open(dir.path()).unwrap();
+        for (name, bytes) in [("alpha", b"12345".to_vec()), ("beta", vec![0x00, 0xFF, b'1', 0x00])] {
+            s.create_agent(AgentRecord {
+                name: AgentName::new(name).unwrap(),
+                key_id: "k1".into(),
+                secret: Secret::new(bytes),
+                created_at_ms: 1000,
+                revoked_at_ms: None,
+            })
+            .await
             .unwrap();
-        drop(c);
-        assert!(matches!(SqliteStore::open(dir.path()), Err(Error::Store(m)) if m.contains("changed")));
+        }
+        let c = Connection::open(dir.path().join("strait.db")).unwrap();
+        let mut st = c
+            .prepare("SELECT typeof(secret), hex(secret) FROM agents ORDER BY name")
+            .unwrap();
+        let stored: Vec<(String, String)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            stored,
+            [("blob".into(), "3132333435".into()), ("blob".into(), "00FF3100".into())]
+        );
     }
 }

@@ -172,6 +172,31 @@ async fn serve(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             }
             b.body(BodyExt::boxed(StreamBody::new(s))).unwrap()
         }
+        "fill" => {
+            // n bytes of one shared chunk: cheap to produce, for volume tests.
+            let n: u64 = rest.parse().unwrap_or(0);
+            let chunk = Bytes::from(vec![0xA5u8; 256 * 1024]);
+            let s = futures_util::stream::iter((0..n.div_ceil(chunk.len() as u64)).map(move |i| {
+                let left = n - i * chunk.len() as u64;
+                Ok::<_, std::io::Error>(BodyFrame::data(chunk.slice(..(left.min(chunk.len() as u64) as usize))))
+            }));
+            Response::builder()
+                .header("content-length", n)
+                .body(BodyExt::boxed(StreamBody::new(s)))
+                .unwrap()
+        }
+        "count" => {
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(f) = body.frame().await {
+                if let Ok(d) = f.map(|f| f.into_data()) {
+                    n += d.map(|d| d.len() as u64).unwrap_or(0);
+                } else {
+                    break;
+                }
+            }
+            Response::builder().body(full(n.to_string())).unwrap()
+        }
         "slow" => {
             let ms: u64 = rest.parse().unwrap_or(1000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -213,7 +238,33 @@ impl TestNode {
         Self::in_dir(Arc::new(tempfile::tempdir().unwrap()), f).await
     }
 
+    /// A node on shared backends: several of these form an in-process cluster.
+    pub async fn on_backends(backends: &SharedBackends, node_id: &str, f: impl FnOnce(&mut NodeConfig)) -> Self {
+        let dir = backends.dir.clone();
+        let (store, directory, bus) = (backends.store.clone(), backends.directory.clone(), backends.bus.clone());
+        Self::build(
+            dir,
+            move |cfg| {
+                cfg.node_id = node_id.to_owned();
+                f(cfg)
+            },
+            move |cfg| async move { NodeState::with_backends(cfg, store, directory, bus) },
+        )
+        .await
+    }
+
     pub async fn in_dir(dir: Arc<tempfile::TempDir>, f: impl FnOnce(&mut NodeConfig)) -> Self {
+        Self::build(dir, f, |cfg| async move { NodeState::open(cfg).await.unwrap() }).await
+    }
+
+    async fn build<Fut>(
+        dir: Arc<tempfile::TempDir>,
+        f: impl FnOnce(&mut NodeConfig),
+        make: impl FnOnce(NodeConfig) -> Fut,
+    ) -> Self
+    where
+        Fut: std::future::Future<Output = Arc<NodeState>>,
+    {
         // RUST_LOG=debug shows the node's and agents' logs for a failing test.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()))
@@ -232,7 +283,7 @@ impl TestNode {
             listeners.http.local_addr().unwrap(),
             listeners.ops.local_addr().unwrap(),
         );
-        let state = NodeState::open(cfg).unwrap();
+        let state = make(cfg).await;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
         let task = actix_rt::spawn(async move {
@@ -470,7 +521,8 @@ pub async fn read_pattern<R: tokio::io::AsyncRead + Unpin>(r: &mut R, seed: u64)
 }
 
 impl TestNode {
-    /// Stores a TCP route on a free loopback port to `agent`/`service` and waits until it listens.
+    /// Stores a TCP route, pinned to this node, on a free loopback port to `agent`/`service`, and
+    /// waits until it listens.
     pub async fn route(&self, agent: &str, service: &str) -> SocketAddr {
         let listen = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -482,6 +534,7 @@ impl TestNode {
                 listen,
                 agent: AgentName::new(agent).unwrap(),
                 service: service.into(),
+                node: Some(self.state.cfg.node_id.clone()),
             })
             .await
             .unwrap();
@@ -505,5 +558,25 @@ impl TestNode {
         agent.connected(Duration::from_secs(10)).await.expect("agent connects");
         self.wait_agent(name).await;
         agent
+    }
+}
+
+/// Backends several in-process nodes share: the real single-node implementations, shared.
+pub struct SharedBackends {
+    pub dir: Arc<tempfile::TempDir>,
+    pub store: Arc<dyn strait_gateway::store::Store>,
+    pub directory: Arc<dyn strait_gateway::directory::Directory>,
+    pub bus: Arc<dyn strait_bus::Bus>,
+}
+
+impl SharedBackends {
+    pub fn in_process() -> Self {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        SharedBackends {
+            store: Arc::new(strait_gateway::store::SqliteStore::open(dir.path()).unwrap()),
+            directory: Arc::new(strait_gateway::directory::MemoryDirectory::new()),
+            bus: Arc::new(strait_bus::InProcessBus::new()),
+            dir,
+        }
     }
 }

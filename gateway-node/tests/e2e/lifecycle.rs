@@ -246,3 +246,103 @@ async fn the_command_line_manages_agents_and_a_real_process_serves_them() {
     let status = tokio::task::spawn_blocking(move || proc.wait()).await.unwrap().unwrap();
     assert!(status.success(), "gateway exited with {status}");
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[actix_rt::test]
+async fn a_gibibyte_each_way_leaves_the_gateway_rss_flat() {
+    let backend = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let out = gateway()
+        .args(["agent", "add", "alpha", "--json", "--data-dir", data])
+        .output()
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = AgentToken::parse(j["token"].as_str().unwrap()).unwrap();
+    let (agent_port, http_port, ops_port, api_port) = (free_port(), free_port(), free_port(), free_port());
+    let mut proc = gateway()
+        .args(["serve", "--data-dir", data])
+        .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
+        .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+        .args(["--ops-listen", &format!("127.0.0.1:{ops_port}")])
+        .args(["--api-listen", &format!("127.0.0.1:{api_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = AgentHandle::spawn(
+        AgentConfig::new(&format!("ws://127.0.0.1:{agent_port}"), token)
+            .unwrap()
+            .expose(&backend.url())
+            .unwrap(),
+    );
+    agent.connected(Duration::from_secs(20)).await.unwrap();
+    let client = reqwest::Client::builder()
+        .resolve("alpha.localhost", ([127, 0, 0, 1], http_port).into())
+        .build()
+        .unwrap();
+    let url = |p: &str| format!("http://alpha.localhost:{http_port}{p}");
+
+    // Warm up (allocator arenas, worker buffers), then take the baseline.
+    for _ in 0..3 {
+        let res = client.get(url("/fill/8388608")).send().await.unwrap();
+        assert_eq!(res.bytes().await.unwrap().len(), 8 << 20);
+    }
+    let pid = proc.id();
+    let baseline = rss_bytes(pid);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(baseline));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_bytes(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let gib: u64 = 1 << 30;
+    let res = client.get(url(&format!("/fill/{gib}"))).send().await.unwrap();
+    let mut got = 0u64;
+    let mut body = res.bytes_stream();
+    while let Some(c) = futures_util::StreamExt::next(&mut body).await {
+        got += c.unwrap().len() as u64;
+    }
+    assert_eq!(got, gib);
+    let chunk = bytes::Bytes::from(vec![0x5Au8; 256 * 1024]);
+    let up =
+        futures_util::stream::iter((0..gib / chunk.len() as u64).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let res = client
+        .post(url("/count"))
+        .body(reqwest::Body::wrap_stream(up))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.text().await.unwrap(), gib.to_string());
+    sampler.abort();
+
+    let growth = peak.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(baseline);
+    eprintln!(
+        "gateway RSS baseline {} KiB, peak growth {} KiB over 2 GiB carried",
+        baseline / 1024,
+        growth / 1024
+    );
+    assert!(
+        growth < 48 << 20,
+        "gateway RSS grew by {} MiB while carrying 1 GiB each way",
+        growth >> 20
+    );
+    agent.kill();
+    let _ = proc.kill();
+    let _ = proc.wait();
+}

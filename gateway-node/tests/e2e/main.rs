@@ -3,6 +3,7 @@
 
 #![allow(unreachable_pub, clippy::unwrap_used)]
 
+mod cluster;
 mod harness;
 mod http;
 mod lifecycle;

@@ -1,0 +1,259 @@
+//! Cross-node paths. A caller on node A reaching an agent held by node B: A registers the stream
+//! in its [`RemoteStreams`] and sends the agent's frames to B over the bus; B's [`bridge`] hands
+//! them to the agent's session, which relays the agent's answers back to A the same way. When
+//! the agent is on the same node none of this runs: the fast path is a direct actor message.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use parking_lot::Mutex;
+use strait_bus::Bus;
+use strait_schema::{AgentName, BusEnvelope, ErrorCode, Frame, Reset, StreamId};
+use tokio::sync::mpsc;
+
+use crate::node::{NodeState, SessionRef};
+use crate::session::{AgentLink, BodyEvent, FromCaller, OpenStream, StreamCloser, StreamEvent, StreamGrant};
+
+/// Hands envelopes to the bus in order, without making senders wait: one pump task per node.
+#[derive(Clone)]
+pub struct BusOut {
+    node_id: Arc<str>,
+    tx: mpsc::UnboundedSender<BusEnvelope>,
+}
+
+impl BusOut {
+    /// A sender and the receiver its pump drains (see [`BusOut::pump`]).
+    pub fn new(node_id: &str) -> (Self, mpsc::UnboundedReceiver<BusEnvelope>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            BusOut {
+                node_id: node_id.into(),
+                tx,
+            },
+            rx,
+        )
+    }
+
+    /// Publishes every queued envelope, in order. Memory behind it is bounded by flow control, like
+    /// an agent link's.
+    pub async fn pump(bus: Arc<dyn Bus>, mut rx: mpsc::UnboundedReceiver<BusEnvelope>, node: Arc<NodeState>) {
+        while let Some(env) = rx.recv().await {
+            let to = env.to_node.clone();
+            match bus.publish(env).await {
+                Ok(()) => node.metrics.bus.with_label_values(&["published"]).inc(),
+                Err(e) => {
+                    tracing::warn!(to = %to, error = %e, "bus publish failed");
+                    node.metrics.bus.with_label_values(&["publish_failed"]).inc();
+                }
+            }
+        }
+    }
+
+    /// Queues `frame` for `agent` (at fencing `epoch`) on node `to`. False if the pump is gone.
+    pub fn send(&self, to: &str, agent: &AgentName, epoch: u64, frame: Frame) -> bool {
+        self.tx
+            .send(BusEnvelope {
+                from_node: self.node_id.to_string(),
+                to_node: to.to_owned(),
+                seq: 0, // assigned by the bus, per (sender, destination)
+                trace_parent: String::new(),
+                agent: agent.clone(),
+                epoch,
+                frame,
+            })
+            .is_ok()
+    }
+}
+
+/// A stream this node opened for a caller, on an agent held by another node.
+struct RemoteEntry {
+    ctl: Recipient<StreamEvent>,
+    body: mpsc::UnboundedSender<BodyEvent>,
+    node: String,
+}
+
+/// Caller-side table of streams whose agent is on another node.
+#[derive(Default)]
+pub struct RemoteStreams {
+    map: Mutex<HashMap<StreamId, RemoteEntry>>,
+}
+
+impl RemoteStreams {
+    /// Forgets a stream (its owner is done with it).
+    pub fn remove(&self, id: StreamId) {
+        self.map.lock().remove(&id);
+    }
+
+    /// Nodes that carry at least one of our streams (for liveness checks).
+    pub fn nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.map.lock().values().map(|e| e.node.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Resets every stream carried by `node` (it died): callers are answered at once.
+    pub fn fail_node(&self, node: &str, why: &str) -> usize {
+        let gone: Vec<RemoteEntry> = {
+            let mut m = self.map.lock();
+            let ids: Vec<StreamId> = m.iter().filter(|(_, e)| e.node == node).map(|(id, _)| *id).collect();
+            ids.into_iter().filter_map(|id| m.remove(&id)).collect()
+        };
+        for e in &gone {
+            let _ = e.body.send(BodyEvent::Reset(ErrorCode::AgentUnavailable, why.into()));
+            let _ = e
+                .ctl
+                .try_send(StreamEvent::Reset(ErrorCode::AgentUnavailable, why.into()));
+        }
+        gone.len()
+    }
+
+    fn contains(&self, id: StreamId) -> bool {
+        self.map.lock().contains_key(&id)
+    }
+
+    /// Delivers a frame the agent sent (relayed by its node) to the stream's owner here.
+    fn deliver(&self, node: &NodeState, frame: Frame) {
+        let Some(id) = frame.stream() else { return };
+        let mut m = self.map.lock();
+        let Some(e) = m.get(&id) else { return };
+        match frame {
+            Frame::ResponseHead(h) => {
+                let _ = e.ctl.try_send(StreamEvent::Head(h));
+            }
+            Frame::Data(d) => {
+                node.metrics
+                    .bytes
+                    .with_label_values(&["out"])
+                    .inc_by(d.bytes.len() as u64);
+                let _ = e.body.send(BodyEvent::Data(d.bytes));
+            }
+            Frame::Fin(_) => {
+                let _ = e.body.send(BodyEvent::Fin);
+            }
+            Frame::Credit(c) => {
+                let _ = e.ctl.try_send(StreamEvent::Credit(c.bytes));
+            }
+            Frame::Reset(r) => {
+                if let Some(e) = m.remove(&id) {
+                    let _ = e.body.send(BodyEvent::Reset(r.code, r.reason.clone()));
+                    let _ = e.ctl.try_send(StreamEvent::Reset(r.code, r.reason));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Where an agent can be reached from here.
+pub enum Target {
+    /// Connected to this node.
+    Local(SessionRef),
+    /// Connected to another node, at this fencing epoch.
+    Remote {
+        /// The node holding it.
+        node: String,
+        /// Its presence epoch.
+        epoch: u64,
+    },
+}
+
+/// Finds the agent: this node first (no round trip), then the directory.
+pub async fn locate(node: &NodeState, agent: &AgentName) -> Result<Target, (ErrorCode, String)> {
+    if let Some(s) = node.sessions.get(agent) {
+        return Ok(Target::Local(s));
+    }
+    match node.directory.presence(agent).await {
+        Ok(Some(p)) if p.node_id != node.cfg.node_id => Ok(Target::Remote {
+            node: p.node_id,
+            epoch: p.epoch,
+        }),
+        Ok(_) => Err((ErrorCode::AgentUnavailable, format!("agent {agent} is not connected"))),
+        Err(e) => {
+            tracing::warn!(error = %e, "directory lookup failed");
+            Err((ErrorCode::AgentUnavailable, "cannot locate the agent right now".into()))
+        }
+    }
+}
+
+/// Registers a new stream with wherever the agent is and returns the way to send it frames.
+pub async fn open_stream(
+    node: &Arc<NodeState>,
+    target: &Target,
+    agent: &AgentName,
+    open: OpenStream,
+) -> Result<StreamGrant, (ErrorCode, String)> {
+    match target {
+        Target::Local(s) => match s.addr.send(open).await {
+            Ok(r) => r,
+            Err(_) => Err((ErrorCode::AgentUnavailable, format!("agent {agent} disconnected"))),
+        },
+        Target::Remote { node: to, epoch } => {
+            node.remote.map.lock().insert(
+                open.id,
+                RemoteEntry {
+                    ctl: open.ctl,
+                    body: open.body,
+                    node: to.clone(),
+                },
+            );
+            Ok(StreamGrant {
+                link: AgentLink::remote(node.bus_out.clone(), to, agent, *epoch),
+                limits: node.cfg.limits,
+                granted: Arc::new(std::sync::atomic::AtomicU64::new(u64::from(
+                    node.cfg.limits.stream_window,
+                ))),
+                closer: StreamCloser::Remote(node.clone()),
+            })
+        }
+    }
+}
+
+/// Consumes this node's dispatch channel: frames for agents held here go to their session, frames
+/// for streams opened here go to their owner. Anything else (a stale epoch, an agent that left)
+/// is answered with a `Reset` so the other side never waits.
+pub async fn bridge(node: Arc<NodeState>, mut rx: mpsc::UnboundedReceiver<BusEnvelope>) {
+    while let Some(env) = rx.recv().await {
+        node.metrics.bus.with_label_values(&["received"]).inc();
+        let Some(id) = env.frame.stream() else {
+            node.metrics
+                .bus
+                .with_label_values(&["dropped_not_a_stream_frame"])
+                .inc();
+            continue;
+        };
+        if node.remote.contains(id) {
+            node.remote.deliver(&node, env.frame);
+            continue;
+        }
+        match node
+            .sessions
+            .at_epoch(&env.agent, env.epoch)
+            .or_else(|| node.sessions.get(&env.agent))
+        {
+            Some(s) if s.epoch == env.epoch => {
+                s.addr.do_send(FromCaller {
+                    from_node: env.from_node,
+                    frame: env.frame,
+                });
+            }
+            other => {
+                let why = if other.is_some() {
+                    "stale agent epoch"
+                } else {
+                    "agent is not on this node"
+                };
+                node.metrics.bus.with_label_values(&["dropped_stale"]).inc();
+                if !matches!(env.frame, Frame::Reset(_)) {
+                    let reset = Frame::Reset(Reset {
+                        stream: id,
+                        code: ErrorCode::AgentUnavailable,
+                        reason: why.into(),
+                    });
+                    node.bus_out.send(&env.from_node, &env.agent, env.epoch, reset);
+                }
+            }
+        }
+    }
+}

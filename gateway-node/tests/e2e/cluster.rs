@@ -1,0 +1,260 @@
+//! Several nodes in one process on shared backends (in-process bus, memory directory, one
+//! SQLite store): a caller on any node reaches an agent on any other.
+
+use std::time::{Duration, Instant};
+
+use strait_agent::{AgentConfig, AgentHandle};
+use strait_schema::AgentName;
+
+use crate::harness::*;
+use crate::http::metric_value;
+
+async fn cluster(n: usize) -> (SharedBackends, Vec<TestNode>) {
+    let b = SharedBackends::in_process();
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        nodes.push(
+            TestNode::on_backends(&b, &format!("node-{}", (b'a' + i as u8) as char), |c| {
+                c.heartbeat = Duration::from_millis(200)
+            })
+            .await,
+        );
+    }
+    (b, nodes)
+}
+
+#[actix_rt::test]
+async fn callers_on_any_node_reach_an_agent_on_another() {
+    let backend = Backend::start().await;
+    let (_b, nodes) = cluster(3).await;
+    let _agent = nodes[1].connect_agent("alpha", &backend.url()).await;
+    for caller in [&nodes[0], &nodes[2]] {
+        let c = caller.client(&["alpha"]);
+        let st = caller.state.clone();
+        let a = AgentName::new("alpha").unwrap();
+        eventually(Duration::from_secs(5), "presence visible", || {
+            let (st, a) = (st.clone(), a.clone());
+            async move { st.directory.presence(&a).await.unwrap().is_some() }
+        })
+        .await;
+        let res = c
+            .get(caller.url("alpha", "/inspect?q=1"))
+            .header("x-multi", "1")
+            .header("x-multi", "2")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let j: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(j["uri"], "/inspect?q=1");
+
+        let len: u64 = 100 << 20;
+        let res = c
+            .get(caller.url("alpha", &format!("/bytes/{len}?seed=11")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(check_pattern(res, 11).await, len);
+        let body = reqwest::Body::wrap_stream(pattern_stream(len, 12));
+        let res = c
+            .post(caller.url("alpha", "/echo"))
+            .header("content-length", len)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(check_pattern(res, 12).await, len);
+    }
+    // Those requests crossed the bus: published by the callers' nodes, received by the agent's.
+    let published = |n: &TestNode| n.state.metrics.bus.with_label_values(&["published"]).get();
+    assert!(published(&nodes[0]) > 0 && published(&nodes[2]) > 0 && published(&nodes[1]) > 0);
+}
+
+#[actix_rt::test]
+async fn the_same_node_path_never_touches_the_bus() {
+    let backend = Backend::start().await;
+    let (_b, nodes) = cluster(2).await;
+    let _agent = nodes[0].connect_agent("alpha", &backend.url()).await;
+    let c = nodes[0].client(&["alpha"]);
+    for i in 0..20u64 {
+        let res = c
+            .get(nodes[0].url("alpha", &format!("/bytes/100000?seed={i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(check_pattern(res, i).await, 100_000);
+    }
+    for n in &nodes {
+        let m = n.metrics().await;
+        assert_eq!(
+            metric_value(&m, "strait_bus_envelopes_total{event=\"published\"}"),
+            0,
+            "{m}"
+        );
+        assert_eq!(
+            metric_value(&m, "strait_bus_envelopes_total{event=\"received\"}"),
+            0,
+            "{m}"
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn a_reconnect_elsewhere_fences_the_old_connection() {
+    let backend = Backend::start().await;
+    let (_b, nodes) = cluster(3).await;
+    let token = nodes[1].add_agent("alpha").await;
+    let instance = "i-fence".to_string();
+    let mut cfg_b = AgentConfig::new(&nodes[1].agent_url(), token.clone())
+        .unwrap()
+        .expose(&backend.url())
+        .unwrap();
+    cfg_b.instance_id = instance.clone();
+    let old = AgentHandle::spawn(cfg_b);
+    old.connected(Duration::from_secs(10)).await.unwrap();
+    nodes[1].wait_agent("alpha").await;
+
+    // The same instance dials node C while its connection to B still looks alive.
+    let mut cfg_c = AgentConfig::new(&nodes[2].agent_url(), token)
+        .unwrap()
+        .expose(&backend.url())
+        .unwrap();
+    cfg_c.instance_id = instance;
+    let new = AgentHandle::spawn(cfg_c);
+    new.connected(Duration::from_secs(10)).await.unwrap();
+    nodes[2].wait_agent("alpha").await;
+    let started = Instant::now();
+    let b = nodes[1].state.clone();
+    let a = AgentName::new("alpha").unwrap();
+    eventually(Duration::from_secs(2), "old connection closed", || {
+        let (b, a) = (b.clone(), a.clone());
+        async move { b.sessions.get(&a).is_none() }
+    })
+    .await;
+    assert!(
+        started.elapsed() <= Duration::from_millis(600),
+        "took {:?} (heartbeat 200 ms)",
+        started.elapsed()
+    );
+
+    // Requests from A go to the new connection on C, once each.
+    let c = nodes[0].client(&["alpha"]);
+    for i in 0..10u64 {
+        let res = c
+            .get(nodes[0].url("alpha", &format!("/bytes/1000?seed={i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(check_pattern(res, i).await, 1000);
+    }
+    assert_eq!(
+        nodes[2].state.metrics.requests.with_label_values(&["ok"]).get(),
+        0,
+        "C's own ingress served nothing"
+    );
+    old.kill();
+    new.kill();
+}
+
+#[actix_rt::test]
+async fn a_tcp_stream_crosses_nodes() {
+    let echo = TcpServer::start(TcpBehaviour::Echo).await;
+    let (_b, nodes) = cluster(2).await;
+    // The route is pinned to node A; the agent sits on node B.
+    let _agent = nodes[1]
+        .connect_agent_with("alpha", &[format!("echo={}", echo.url())])
+        .await;
+    let listen = nodes[0].route("alpha", "echo").await;
+    assert!(nodes[1]
+        .state
+        .store
+        .list_routes()
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| !r.served_by("node-b")));
+    let (mut rd, mut wr) = tokio::net::TcpStream::connect(listen).await.unwrap().into_split();
+    let w = tokio::spawn(async move {
+        write_pattern(&mut wr, 10 << 20, 21).await;
+        tokio::io::AsyncWriteExt::shutdown(&mut wr).await.unwrap();
+    });
+    assert_eq!(read_pattern(&mut rd, 21).await, 10 << 20);
+    w.await.unwrap();
+}
+
+#[actix_rt::test]
+async fn draining_the_agents_node_under_load_fails_no_request() {
+    let backend = Backend::start().await;
+    let b = SharedBackends::in_process();
+    let mut nodes = Vec::new();
+    for id in ["node-a", "node-b", "node-c"] {
+        nodes.push(
+            TestNode::on_backends(&b, id, |c| {
+                c.heartbeat = Duration::from_millis(200);
+                c.handoff = Duration::from_secs(5);
+            })
+            .await,
+        );
+    }
+    let token = nodes[1].add_agent("alpha").await;
+    // The agent knows B first, then C (as it would know a load balancer).
+    let mut cfg = AgentConfig::new(&nodes[1].agent_url(), token)
+        .unwrap()
+        .expose(&backend.url())
+        .unwrap();
+    cfg.gateways
+        .push(strait_agent::GatewayUrl::parse(&nodes[2].agent_url()).unwrap());
+    let agent = AgentHandle::spawn(cfg);
+    agent.connected(Duration::from_secs(10)).await.unwrap();
+    nodes[1].wait_agent("alpha").await;
+
+    // Steady load from A: slow-ish requests so some are in flight on B's connection when it drains.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c, url_slow, url_fast) = (
+        nodes[0].client(&["alpha"]),
+        nodes[0].url("alpha", "/slow/300"),
+        nodes[0].url("alpha", "/bytes/2000?seed=3"),
+    );
+    let mut load = Vec::new();
+    for w in 0..8 {
+        let (c, stop) = (c.clone(), stop.clone());
+        let url = if w % 2 == 0 { url_slow.clone() } else { url_fast.clone() };
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.bytes().await;
+                        ok += 1;
+                    }
+                    Ok(r) => failed.push(format!("{} {}", r.status(), r.text().await.unwrap_or_default())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let node_b = nodes.remove(1);
+    let st = node_b.state.clone();
+    node_b.shutdown().await;
+    assert_eq!(st.phase(), strait_gateway::Phase::Stopped);
+    nodes[1].wait_agent("alpha").await; // now on C
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for l in load {
+        let (o, f) = l.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(ok > 20, "load too thin to mean anything: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    agent.kill();
+}
