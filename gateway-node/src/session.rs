@@ -18,6 +18,7 @@ use strait_schema::{
 use tokio::sync::mpsc;
 
 use crate::cluster::BusOut;
+use crate::directory::Presence;
 use crate::node::{NodeState, Phase, SessionRef};
 use crate::store::now_ms;
 
@@ -306,6 +307,8 @@ pub struct AgentSession {
     decode_limits: Limits,
     /// `GoAway` was sent: losing presence retires this session instead of closing it.
     draining: bool,
+    /// The agent's instance id (re-creates presence after the directory lost it).
+    instance_id: String,
 }
 
 /// Upgrades an agent's HTTP request to the WebSocket and starts its session actor.
@@ -343,6 +346,7 @@ pub async fn accept(
             last_seen: Instant::now(),
             decode_limits,
             draining: false,
+            instance_id: String::new(),
         }
     });
     Ok(response)
@@ -456,14 +460,18 @@ impl AgentSession {
         }
         self.link
             .send(&Frame::Ping(strait_schema::Ping { timestamp_ms: now_ms() }));
-        let (dir, agent, epoch, ttl) = (
+        let (dir, agent, ttl) = (
             self.node.directory.clone(),
             agent.clone(),
-            *epoch,
             hb * (self.node.cfg.missed_heartbeats + 1),
         );
+        let holder = Presence {
+            node_id: self.node.cfg.node_id.clone(),
+            instance_id: self.instance_id.clone(),
+            epoch: *epoch,
+        };
         ctx.spawn(
-            async move { dir.refresh_presence(&agent, epoch, ttl).await }
+            async move { dir.refresh_presence(&agent, &holder, ttl).await }
                 .into_actor(self)
                 .map(|res, this, ctx| {
                     if let Ok(false) = res {
@@ -538,6 +546,7 @@ impl AgentSession {
                 limits: cfg.limits,
                 capabilities: Vec::new(),
             }));
+            this.instance_id = hello.instance_id.clone();
             tracing::info!(%agent, instance = %hello.instance_id, peer = ?this.peer, epoch, "agent connected");
         }));
     }

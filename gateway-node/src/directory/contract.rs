@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use strait_schema::AgentName;
 
-use super::Directory;
+use super::{Directory, Presence};
 
 /// One contract case. Boxed so a harness can take any case as a plain `fn`.
 pub(crate) type Case = for<'a> fn(&'a dyn Directory) -> BoxFuture<'a, ()>;
@@ -23,7 +23,7 @@ macro_rules! directory_contract_tests {
             nonce_is_refused_within_its_window_and_accepted_after,
             epochs_grow_with_every_claim_and_across_expiry,
             stale_epoch_cannot_refresh_or_release_the_newer_presence,
-            presence_expires_unless_refreshed,
+            presence_expires_unless_refreshed_and_heartbeats_restore_it,
             node_liveness_follows_heartbeats,
             pin_is_taken_once_and_guarded_by_its_holder,
             pin_expires_unless_renewed,
@@ -118,6 +118,14 @@ pub(crate) fn epochs_grow_with_every_claim_and_across_expiry(d: &dyn Directory) 
     })
 }
 
+fn holder(node: &str, instance: &str, epoch: u64) -> Presence {
+    Presence {
+        node_id: node.into(),
+        instance_id: instance.into(),
+        epoch,
+    }
+}
+
 pub(crate) fn stale_epoch_cannot_refresh_or_release_the_newer_presence(d: &dyn Directory) -> BoxFuture<'_, ()> {
     Box::pin(async move {
         let a = agent("alpha");
@@ -125,7 +133,7 @@ pub(crate) fn stale_epoch_cannot_refresh_or_release_the_newer_presence(d: &dyn D
         let old = d.claim_presence(&a, "n1", "i1", ttl).await.unwrap();
         let new = d.claim_presence(&a, "n2", "i2", ttl).await.unwrap();
         assert!(
-            !d.refresh_presence(&a, old, ttl).await.unwrap(),
+            !d.refresh_presence(&a, &holder("n1", "i1", old), ttl).await.unwrap(),
             "stale epoch refreshed"
         );
         d.release_presence(&a, old).await.unwrap();
@@ -136,31 +144,36 @@ pub(crate) fn stale_epoch_cannot_refresh_or_release_the_newer_presence(d: &dyn D
             "stale release removed the newer entry"
         );
         assert!(
-            !d.refresh_presence(&a, new + 1, ttl).await.unwrap(),
+            !d.refresh_presence(&a, &holder("n3", "i3", new + 1), ttl).await.unwrap(),
             "future epoch refreshed"
         );
+        assert!(d.refresh_presence(&a, &holder("n2", "i2", new), ttl).await.unwrap());
 
-        assert!(d.refresh_presence(&a, new, ttl).await.unwrap());
+        // Once the entry is gone, only the newest holder may bring it back; the stale one may not.
         d.release_presence(&a, new).await.unwrap();
         assert!(d.presence(&a).await.unwrap().is_none());
         assert!(
-            !d.refresh_presence(&a, new, ttl).await.unwrap(),
-            "released presence refreshed"
+            !d.refresh_presence(&a, &holder("n1", "i1", old), ttl).await.unwrap(),
+            "stale holder restored itself"
         );
+        assert!(d.presence(&a).await.unwrap().is_none());
         // Releasing what is not there is not an error.
         d.release_presence(&a, new).await.unwrap();
         d.release_presence(&agent("nobody"), 1).await.unwrap();
     })
 }
 
-pub(crate) fn presence_expires_unless_refreshed(d: &dyn Directory) -> BoxFuture<'_, ()> {
+pub(crate) fn presence_expires_unless_refreshed_and_heartbeats_restore_it(d: &dyn Directory) -> BoxFuture<'_, ()> {
     Box::pin(async move {
         let a = agent("alpha");
         let e = d
             .claim_presence(&a, "n1", "i1", Duration::from_millis(100))
             .await
             .unwrap();
-        assert!(d.refresh_presence(&a, e, Duration::from_secs(5)).await.unwrap());
+        assert!(d
+            .refresh_presence(&a, &holder("n1", "i1", e), Duration::from_secs(5))
+            .await
+            .unwrap());
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
             d.presence(&a).await.unwrap().map(|p| p.epoch),
@@ -168,13 +181,19 @@ pub(crate) fn presence_expires_unless_refreshed(d: &dyn Directory) -> BoxFuture<
             "refresh did not extend"
         );
 
-        assert!(d.refresh_presence(&a, e, Duration::from_millis(50)).await.unwrap());
+        assert!(d
+            .refresh_presence(&a, &holder("n1", "i1", e), Duration::from_millis(50))
+            .await
+            .unwrap());
         eventually("presence expired", || async { d.presence(&a).await.unwrap().is_none() }).await;
-        assert!(
-            !d.refresh_presence(&a, e, Duration::from_secs(5)).await.unwrap(),
-            "expired presence revived"
-        );
-        assert!(d.presence(&a).await.unwrap().is_none());
+        // The holder's next heartbeat re-creates it (as after a Redis restart), same epoch.
+        assert!(d
+            .refresh_presence(&a, &holder("n1", "i1", e), Duration::from_secs(5))
+            .await
+            .unwrap());
+        assert_eq!(d.presence(&a).await.unwrap(), Some(holder("n1", "i1", e)));
+        // A later claim still gets a higher epoch than the restored one.
+        assert!(d.claim_presence(&a, "n2", "i2", Duration::from_secs(5)).await.unwrap() > e);
     })
 }
 

@@ -13,6 +13,8 @@ use crate::error::Error;
 
 #[derive(Default)]
 struct State {
+    /// Last epoch issued per agent (outlives presence), so a stale holder cannot restore itself.
+    issued: HashMap<AgentName, u64>,
     nonces: HashMap<String, Instant>,
     presence: HashMap<AgentName, (Presence, Instant)>,
     /// One counter for all agents: per-agent epochs then only grow, also across expiry.
@@ -85,18 +87,29 @@ impl Directory for MemoryDirectory {
             epoch,
         };
         s.presence.insert(agent.clone(), (p, now + ttl));
+        s.issued.insert(agent.clone(), epoch);
         Ok(epoch)
     }
 
-    async fn refresh_presence(&self, agent: &AgentName, epoch: u64, ttl: Duration) -> Result<bool, Error> {
+    async fn refresh_presence(&self, agent: &AgentName, holder: &Presence, ttl: Duration) -> Result<bool, Error> {
         let now = Instant::now();
         let mut s = self.state.lock();
         match s.presence.get_mut(agent) {
-            Some((p, exp)) if p.epoch == epoch && *exp > now => {
+            Some((p, exp)) if *exp > now => {
+                if p.epoch != holder.epoch {
+                    return Ok(false);
+                }
                 *exp = now + ttl;
                 Ok(true)
             }
-            _ => Ok(false),
+            _ => {
+                if s.issued.get(agent).is_some_and(|e| *e > holder.epoch) {
+                    return Ok(false);
+                }
+                s.issued.insert(agent.clone(), holder.epoch);
+                s.presence.insert(agent.clone(), (holder.clone(), now + ttl));
+                Ok(true)
+            }
         }
     }
 

@@ -42,7 +42,10 @@ pub trait Directory: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<u64, Error>;
     /// Extends presence if this node still holds `epoch`. Returns false if it was taken over.
-    async fn refresh_presence(&self, agent: &AgentName, epoch: u64, ttl: Duration) -> Result<bool, Error>;
+    ///
+    /// A missing entry (expired, or lost with a Redis restart) is re-created from `holder` unless a
+    /// newer epoch was issued since: presence comes back from heartbeats, and fencing holds.
+    async fn refresh_presence(&self, agent: &AgentName, holder: &Presence, ttl: Duration) -> Result<bool, Error>;
     /// Removes presence if it is still at `epoch` (a newer connection's entry is left alone).
     async fn release_presence(&self, agent: &AgentName, epoch: u64) -> Result<(), Error>;
     /// Where the agent is, if anywhere.

@@ -33,13 +33,26 @@ redis.call('SET', KEYS[2], string.format('%d', epoch) .. '|' .. ARGV[1] .. '|' .
 return epoch
 ";
 
-/// `KEYS[1]` presence; `ARGV` epoch, ttl ms. 1 if extended.
+/// `KEYS[1]` presence, `KEYS[2]` epoch counter; `ARGV` epoch, ttl ms, full value. 1 if extended
+/// or restored: a missing entry (expired, or Redis restarted empty) is re-created unless a newer
+/// epoch was issued since, and the counter is lifted so later claims stay above it.
 const REFRESH_PRESENCE: &str = r"
 local v = redis.call('GET', KEYS[1])
-if v and string.match(v, '^(%d+)|') == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if v then
+  if string.match(v, '^(%d+)|') == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  end
+  return 0
 end
-return 0
+local issued = tonumber(redis.call('GET', KEYS[2]) or '0')
+if issued > tonumber(ARGV[1]) then
+  return 0
+end
+if issued < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+return 1
 ";
 
 /// `KEYS[1]` presence; `ARGV` epoch. 1 if deleted.
@@ -295,12 +308,22 @@ impl Directory for RedisDirectory {
         .await
     }
 
-    async fn refresh_presence(&self, agent: &AgentName, epoch: u64, ttl: Duration) -> Result<bool, Error> {
+    async fn refresh_presence(&self, agent: &AgentName, holder: &Presence, ttl: Duration) -> Result<bool, Error> {
         let key = &self.key("presence", agent.as_str());
+        let counter = &self.key("epoch", agent.as_str());
         let script = &self.scripts.refresh_presence;
         let ms = ttl_ms(ttl);
+        let epoch = holder.epoch;
+        let value = &format!("{}|{}|{}", holder.epoch, holder.node_id, holder.instance_id);
         self.run("refresh presence", |mut c| async move {
-            script.key(key).arg(epoch).arg(ms).invoke_async(&mut c).await
+            script
+                .key(key)
+                .key(counter)
+                .arg(epoch)
+                .arg(ms)
+                .arg(value)
+                .invoke_async(&mut c)
+                .await
         })
         .await
     }

@@ -7,5 +7,7 @@ mod cluster;
 mod harness;
 mod http;
 mod lifecycle;
+mod procs;
 mod protocol;
+mod real_cluster;
 mod tcp;

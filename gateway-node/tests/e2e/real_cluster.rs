@@ -1,0 +1,245 @@
+//! Three gateway processes on the machine's Redis, RabbitMQ and Postgres: any node serves any
+//! agent, node loss, handshake replay across nodes, fencing of a stale connection.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use strait_agent::{AgentConfig, AgentHandle, GatewayUrl};
+use strait_schema::{credentials, decode, encode, Frame, Hello, Limits, RefuseCode, PROTOCOL_VERSION};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::*;
+use crate::http::metric_value;
+use crate::procs::ProcCluster;
+
+/// An agent that dials `first` node first, then the others.
+fn agent_cfg(c: &ProcCluster, token: strait_schema::AgentToken, first: usize, exposes: &[String]) -> AgentConfig {
+    let mut cfg = AgentConfig::new(&c.nodes[first].agent_url(), token).unwrap();
+    for (i, n) in c.nodes.iter().enumerate() {
+        if i != first {
+            cfg.gateways.push(GatewayUrl::parse(&n.agent_url()).unwrap());
+        }
+    }
+    for e in exposes {
+        cfg = cfg.expose(e).unwrap();
+    }
+    cfg
+}
+
+#[actix_rt::test]
+async fn any_node_serves_an_agent_on_another_http_and_tcp() {
+    let backend = Backend::start().await;
+    let echo = TcpServer::start(TcpBehaviour::Echo).await;
+    ProcCluster::run(3, |c| async move {
+        let token = c.add_agent("alpha").await;
+        let agent = AgentHandle::spawn(agent_cfg(
+            &c,
+            token,
+            1,
+            &[backend.url(), format!("echo={}", echo.url())],
+        ));
+        assert_eq!(agent.connected(Duration::from_secs(20)).await.unwrap(), "node-b");
+        c.wait_presence("alpha", 1).await;
+        for caller in [0, 2] {
+            let http = c.client(caller, &["alpha"]);
+            let res = http.get(c.url(caller, "alpha", "/inspect?x=1")).send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            let len: u64 = 100 << 20;
+            let res = http
+                .get(c.url(caller, "alpha", &format!("/bytes/{len}?seed=31")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(check_pattern(res, 31).await, len);
+            let body = reqwest::Body::wrap_stream(pattern_stream(len, 32));
+            let res = http
+                .post(c.url(caller, "alpha", "/echo"))
+                .header("content-length", len)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(check_pattern(res, 32).await, len);
+
+            let listen = c.route(caller, "alpha", "echo").await;
+            let (mut rd, mut wr) = tokio::net::TcpStream::connect(listen).await.unwrap().into_split();
+            let w = tokio::spawn(async move {
+                write_pattern(&mut wr, 10 << 20, 33).await;
+                tokio::io::AsyncWriteExt::shutdown(&mut wr).await.unwrap();
+            });
+            assert_eq!(read_pattern(&mut rd, 33).await, 10 << 20);
+            w.await.unwrap();
+        }
+        // Those crossed the bus; a request on the agent's own node does not.
+        let before = metric_value(&c.metrics(1).await, "strait_bus_envelopes_total{event=\"published\"}");
+        assert!(before > 0);
+        let http = c.client(1, &["alpha"]);
+        for i in 0..10u64 {
+            let res = http
+                .get(c.url(1, "alpha", &format!("/bytes/50000?seed={i}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(check_pattern(res, i).await, 50_000);
+        }
+        let after = metric_value(&c.metrics(1).await, "strait_bus_envelopes_total{event=\"published\"}");
+        assert_eq!(before, after, "same-node requests went over the bus");
+        agent.kill();
+        c
+    })
+    .await;
+}
+
+#[actix_rt::test]
+async fn killing_the_agents_node_resets_callers_and_the_agent_moves() {
+    let backend = Backend::start().await;
+    ProcCluster::run(3, |mut c| async move {
+        let token = c.add_agent("alpha").await;
+        let agent = AgentHandle::spawn(agent_cfg(&c, token, 1, &[backend.url()]));
+        agent.connected(Duration::from_secs(20)).await.unwrap();
+        c.wait_presence("alpha", 1).await;
+        let http = c.client(0, &["alpha"]);
+        let res = http.get(c.url(0, "alpha", "/drip")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let mut body = res.bytes_stream();
+        assert!(body.next().await.unwrap().is_ok());
+
+        c.kill(1);
+        let killed = Instant::now();
+        let aborted = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match body.next().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) => return true,
+                    None => return false,
+                }
+            }
+        })
+        .await
+        .expect("the caller was left hanging after its agent's node died");
+        assert!(aborted, "an aborted response must not look complete");
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "reset took {:?}",
+            killed.elapsed()
+        );
+
+        // The agent reconnects to a surviving node; requests through A work again.
+        let mut ok = false;
+        for _ in 0..300 {
+            if let Ok(r) = http.get(c.url(0, "alpha", "/bytes/1000?seed=4")).send().await {
+                if r.status() == 200 {
+                    assert_eq!(check_pattern(r, 4).await, 1000);
+                    ok = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ok, "requests did not recover after the agent moved");
+        agent.kill();
+        c
+    })
+    .await;
+}
+
+#[actix_rt::test]
+async fn a_handshake_replayed_against_another_node_is_refused() {
+    ProcCluster::run(2, |c| async move {
+        let token = c.add_agent("alpha").await;
+        let mut h = Hello {
+            agent: token.agent.clone(),
+            instance_id: "i-replay".into(),
+            key_id: token.key_id.clone(),
+            timestamp_ms: strait_gateway::store::now_ms(),
+            nonce: rand::random(),
+            signature: [0; 32],
+            version: PROTOCOL_VERSION,
+            capabilities: vec![],
+            services: vec![],
+        };
+        h.signature = credentials::sign(&token.secret, &h);
+        let bytes = encode(&Frame::Hello(h));
+        let mut answers = Vec::new();
+        for n in &c.nodes {
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/v1/connect", n.agent_url()))
+                .await
+                .unwrap();
+            ws.send(Message::Binary(bytes.clone().into())).await.unwrap();
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) => match decode(&b, &Limits::default()).unwrap() {
+                        Frame::Ping(_) => continue,
+                        f => {
+                            answers.push(f);
+                            break;
+                        }
+                    },
+                    other => panic!("no answer to Hello: {other:?}"),
+                }
+            }
+        }
+        assert!(matches!(answers[0], Frame::Welcome(_)), "{:?}", answers[0]);
+        assert!(
+            matches!(&answers[1], Frame::Refused(r) if r.code == RefuseCode::Replay),
+            "{:?}",
+            answers[1]
+        );
+        c
+    })
+    .await;
+}
+
+#[actix_rt::test]
+async fn a_reconnect_to_another_node_fences_the_old_connection() {
+    let backend = Backend::start().await;
+    ProcCluster::run(3, |c| async move {
+        let token = c.add_agent("alpha").await;
+        let mut old_cfg = agent_cfg(&c, token.clone(), 1, &[backend.url()]);
+        old_cfg.instance_id = "i-same".into();
+        let old = AgentHandle::spawn(old_cfg);
+        old.connected(Duration::from_secs(20)).await.unwrap();
+        c.wait_presence("alpha", 1).await;
+
+        let mut new_cfg = agent_cfg(&c, token, 2, &[backend.url()]);
+        new_cfg.instance_id = "i-same".into();
+        let new = AgentHandle::spawn(new_cfg);
+        assert_eq!(new.connected(Duration::from_secs(20)).await.unwrap(), "node-c");
+        let moved = Instant::now();
+        c.wait_presence("alpha", 2).await;
+        // B closes its stale session within about a heartbeat (200 ms here).
+        let mut closed = false;
+        for _ in 0..100 {
+            if metric_value(&c.metrics(1).await, "strait_agents_connected") == 0 {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(closed, "node B kept the stale connection");
+        assert!(
+            moved.elapsed() < Duration::from_secs(2),
+            "fencing took {:?}",
+            moved.elapsed()
+        );
+
+        let http = c.client(0, &["alpha"]);
+        for i in 0..20u64 {
+            let res = http
+                .get(c.url(0, "alpha", &format!("/bytes/3000?seed={i}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(check_pattern(res, i).await, 3000);
+        }
+        // Every one of them went to the new connection on C (B has no session left to serve it).
+        let out_b = metric_value(&c.metrics(1).await, "strait_bus_envelopes_total{event=\"published\"}");
+        let out_c = metric_value(&c.metrics(2).await, "strait_bus_envelopes_total{event=\"published\"}");
+        assert!(out_c >= 20, "C relayed {out_c} envelopes");
+        assert_eq!(out_b, 0, "B relayed frames after it was fenced");
+        old.kill();
+        new.kill();
+        c
+    })
+    .await;
+}
