@@ -56,6 +56,7 @@ pub fn pattern_stream(
 
 /// Reads a response body, checking it against the pattern as it arrives; returns its length.
 pub async fn check_pattern(resp: reqwest::Response, seed: u64) -> u64 {
+    assert_eq!(resp.status(), 200, "expected a tunnelled body, got an error answer");
     let mut pos = 0u64;
     let mut s = resp.bytes_stream();
     while let Some(chunk) = s.next().await {
@@ -579,4 +580,52 @@ impl SharedBackends {
             dir,
         }
     }
+}
+
+/// A hand-driven agent connection that completed its handshake and then only answers pings: it
+/// looks alive to the node but never reconnects. Resolves `closed` when the node closes it.
+pub async fn stale_looking_alive_agent(
+    agent_url: &str,
+    token: &AgentToken,
+    instance: &str,
+) -> tokio::sync::oneshot::Receiver<()> {
+    use futures_util::SinkExt;
+    use strait_schema::{credentials, decode, encode, Frame, Hello, Limits, Pong, PROTOCOL_VERSION};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{agent_url}/v1/connect"))
+        .await
+        .unwrap();
+    let mut h = Hello {
+        agent: token.agent.clone(),
+        instance_id: instance.into(),
+        key_id: token.key_id.clone(),
+        timestamp_ms: now_ms(),
+        nonce: rand::random(),
+        signature: [0; 32],
+        version: PROTOCOL_VERSION,
+        capabilities: vec![],
+        services: vec![],
+    };
+    h.signature = credentials::sign(&token.secret, &h);
+    ws.send(Message::Binary(encode(&Frame::Hello(h)).into())).await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                break;
+            }
+            if let Message::Binary(b) = msg {
+                if let Ok(Frame::Ping(p)) = decode(&b, &Limits::default()) {
+                    let pong = encode(&Frame::Pong(Pong {
+                        timestamp_ms: p.timestamp_ms,
+                    }));
+                    if ws.send(Message::Binary(pong.into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(());
+    });
+    rx
 }

@@ -195,10 +195,8 @@ async fn a_reconnect_to_another_node_fences_the_old_connection() {
     let backend = Backend::start().await;
     ProcCluster::run(3, |c| async move {
         let token = c.add_agent("alpha").await;
-        let mut old_cfg = agent_cfg(&c, token.clone(), 1, &[backend.url()]);
-        old_cfg.instance_id = "i-same".into();
-        let old = AgentHandle::spawn(old_cfg);
-        old.connected(Duration::from_secs(20)).await.unwrap();
+        // The old connection, on B: alive as far as B can tell, but its process has moved on.
+        let old_closed = stale_looking_alive_agent(&c.nodes[1].agent_url(), &token, "i-same").await;
         c.wait_presence("alpha", 1).await;
 
         let mut new_cfg = agent_cfg(&c, token, 2, &[backend.url()]);
@@ -206,22 +204,18 @@ async fn a_reconnect_to_another_node_fences_the_old_connection() {
         let new = AgentHandle::spawn(new_cfg);
         assert_eq!(new.connected(Duration::from_secs(20)).await.unwrap(), "node-c");
         let moved = Instant::now();
-        c.wait_presence("alpha", 2).await;
-        // B closes its stale session within about a heartbeat (200 ms here).
-        let mut closed = false;
-        for _ in 0..100 {
-            if metric_value(&c.metrics(1).await, "strait_agents_connected") == 0 {
-                closed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(closed, "node B kept the stale connection");
+        // B closes the stale connection within about a heartbeat (200 ms here).
+        tokio::time::timeout(Duration::from_secs(3), old_closed)
+            .await
+            .expect("node B kept the stale connection")
+            .ok();
         assert!(
             moved.elapsed() < Duration::from_secs(2),
             "fencing took {:?}",
             moved.elapsed()
         );
+        c.wait_presence("alpha", 2).await;
+        assert_eq!(metric_value(&c.metrics(1).await, "strait_agents_connected"), 0);
 
         let http = c.client(0, &["alpha"]);
         for i in 0..20u64 {
@@ -237,7 +231,6 @@ async fn a_reconnect_to_another_node_fences_the_old_connection() {
         let out_c = metric_value(&c.metrics(2).await, "strait_bus_envelopes_total{event=\"published\"}");
         assert!(out_c >= 20, "C relayed {out_c} envelopes");
         assert_eq!(out_b, 0, "B relayed frames after it was fenced");
-        old.kill();
         new.kill();
         c
     })
