@@ -7,6 +7,7 @@ mod cluster;
 mod harness;
 mod http;
 mod lifecycle;
+mod outages;
 mod procs;
 mod protocol;
 mod real_cluster;
