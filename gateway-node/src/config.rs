@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Most bytes (both directions) one TCP or upgraded stream may carry (0 = unlimited).
     #[arg(long, env = "STRAIT_STREAM_QUOTA", default_value_t = 0)]
     pub stream_quota_bytes: u64,
+    /// After SIGTERM, ms to keep serving ingress once /readyz fails, so a load balancer's health
+    /// check takes the node out before it stops accepting (default: 1000 in cluster mode, else 0).
+    #[arg(long, env = "STRAIT_DRAIN_DELAY_MS")]
+    pub drain_delay_ms: Option<u64>,
     /// Worker threads per server (default: one per core).
     #[arg(long, env = "STRAIT_WORKERS")]
     pub workers: Option<usize>,
@@ -154,6 +158,9 @@ pub struct NodeConfig {
     /// On shutdown, how long to wait for agents told to move (`GoAway`) to reconnect elsewhere
     /// before their sessions here close. Zero on a single node: there is nowhere to move to.
     pub handoff: Duration,
+    /// After shutdown is asked, how long ingress keeps accepting while `/readyz` already fails,
+    /// so load balancers stop sending before the listener closes.
+    pub drain_delay: Duration,
     /// How long in-flight requests may run on after shutdown is asked.
     pub drain_grace: Duration,
 }
@@ -183,6 +190,7 @@ impl NodeConfig {
             stream_quota: None,
             route_poll: Duration::from_secs(1),
             handoff: Duration::ZERO,
+            drain_delay: Duration::ZERO,
             drain_grace: Duration::from_secs(30),
         }
     }
@@ -206,6 +214,10 @@ impl NodeConfig {
         if let Backends::Cluster { .. } = cfg.backends {
             // Cluster nodes hand their agents over on shutdown (GoAway) instead of dropping them.
             cfg.handoff = Duration::from_secs(10);
+            cfg.drain_delay = Duration::from_secs(1);
+        }
+        if let Some(ms) = a.drain_delay_ms {
+            cfg.drain_delay = Duration::from_millis(ms);
         }
         if let Some(id) = &a.node_id {
             if !strait_schema::frame::is_short_id(id) {

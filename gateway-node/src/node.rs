@@ -288,6 +288,7 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     shutdown.await;
     tracing::info!(node = %cfg.node_id, "draining");
     state.phase.send_replace(Phase::Draining);
+    let keep_serving_until = tokio::time::Instant::now() + cfg.drain_delay;
     // Ask every agent to move; wait (bounded) until they have reconnected elsewhere, while this
     // node keeps serving: its ingress reaches them wherever they land.
     if !cfg.handoff.is_zero() {
@@ -302,6 +303,8 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     poller.abort();
     routes.abort();
     // Stop taking requests, let in-flight ones finish (bounded by the grace), then drop agents.
+    // Ingress stays open until load balancers have seen /readyz fail.
+    tokio::time::sleep_until(keep_serving_until).await;
     http_h.stop(true).await;
     // Sessions that handed their agent over finish their in-flight streams (relayed for callers
     // on other nodes) and close themselves; give them the drain grace.

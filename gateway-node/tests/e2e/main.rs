@@ -11,4 +11,5 @@ mod outages;
 mod procs;
 mod protocol;
 mod real_cluster;
+mod rolling;
 mod tcp;
