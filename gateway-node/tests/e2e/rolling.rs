@@ -190,7 +190,7 @@ async fn load_loop(http: reqwest::Client, base: String, w: u64, stop: Arc<Atomic
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         let seed = w * 1_000_000 + n;
-        let path = if n % 2 == 0 {
+        let path = if n.is_multiple_of(2) {
             format!("/bytes/2000?seed={seed}")
         } else {
             "/slow/200".to_owned()
