@@ -246,6 +246,8 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     })
     .workers(cfg.workers)
     .disable_signals()
+    // Frames are small and latency-bound; Nagle plus delayed ACKs cost 40 ms stalls.
+    .tcp_nodelay(true)
     .shutdown_timeout(grace)
     .listen(listeners.agent)?
     .run();
@@ -254,6 +256,7 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
         .workers(cfg.workers)
         .backlog(4096)
         .disable_signals()
+        .tcp_nodelay(true)
         .shutdown_timeout(grace)
         .listen(listeners.http)?
         .run();

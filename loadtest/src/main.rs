@@ -199,6 +199,7 @@ async fn run(a: RunArgs) -> anyhow::Result<i32> {
         backend: backend.as_ref().map(|b| (b.http, b.tcp)),
         workdir: workdir.path().to_path_buf(),
         progress: Progress::new(steps, visible),
+        baseline: a.baseline.clone(),
     };
     let rows = tokio::select! {
         rows = runner.run(&scenarios, &targets) => rows,

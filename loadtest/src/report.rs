@@ -116,27 +116,10 @@ pub struct Report {
 }
 
 impl Report {
-    /// Fills in every row's ratio to the baseline row of the same scenario and case.
+    /// Fills in the ratio of every row that has none yet (the runner fills them per round) to
+    /// the baseline row of the same scenario and case.
     pub fn compute_ratios(&mut self) {
-        let base: BTreeMap<(String, String), (f64, Option<u64>)> = self
-            .rows
-            .iter()
-            .filter(|r| r.target == self.baseline && r.status == Status::Ok)
-            .filter_map(|r| {
-                r.value
-                    .map(|v| ((r.scenario.clone(), r.case.clone()), (v, r.latency.map(|l| l.p99_us))))
-            })
-            .collect();
-        for r in &mut self.rows {
-            let Some((bv, bp99)) = base.get(&(r.scenario.clone(), r.case.clone())) else {
-                continue;
-            };
-            r.ratio = r.value.and_then(|v| ratio(v, *bv));
-            r.p99_ratio = match (r.latency, bp99) {
-                (Some(l), Some(b)) => ratio(l.p99_us as f64, *b as f64),
-                _ => None,
-            };
-        }
+        fill_ratios(&mut self.rows, &self.baseline);
     }
 
     /// Problems that make a `--check` run fail: rows that failed or could not run, and scenarios
@@ -243,6 +226,33 @@ impl Report {
             );
         }
         s
+    }
+}
+
+/// Sets `ratio` and `p99_ratio` of rows that have none to their figure over the `baseline`
+/// row's of the same scenario and case, among `rows`.
+pub fn fill_ratios(rows: &mut [Row], baseline: &str) {
+    let base: BTreeMap<(String, String), (f64, Option<u64>)> = rows
+        .iter()
+        .filter(|r| r.target == baseline && r.status == Status::Ok)
+        .filter_map(|r| {
+            r.value
+                .map(|v| ((r.scenario.clone(), r.case.clone()), (v, r.latency.map(|l| l.p99_us))))
+        })
+        .collect();
+    for r in rows.iter_mut() {
+        let Some((bv, bp99)) = base.get(&(r.scenario.clone(), r.case.clone())) else {
+            continue;
+        };
+        if r.ratio.is_none() {
+            r.ratio = r.value.and_then(|v| ratio(v, *bv));
+        }
+        if r.p99_ratio.is_none() {
+            r.p99_ratio = match (r.latency, bp99) {
+                (Some(l), Some(b)) => ratio(l.p99_us as f64, *b as f64),
+                _ => None,
+            };
+        }
     }
 }
 

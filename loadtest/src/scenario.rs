@@ -216,6 +216,8 @@ pub struct Runner {
     pub workdir: PathBuf,
     /// Progress display.
     pub progress: Progress,
+    /// Target the ratios divide by (each round's figure by the same round's baseline).
+    pub baseline: String,
 }
 
 /// Live processes and the addresses HTTP and TCP load goes to.
@@ -248,6 +250,7 @@ impl Runner {
             // Rounds interleave targets (direct, strait, rathole, direct, ...), so a slow spell
             // of the machine lands on every target alike.
             for round in 0..rounds {
+                let mut round_rows: Vec<Row> = Vec::new();
                 for t in targets {
                     // Not-applicable and unavailable rows do not change between rounds.
                     if round > 0 && got_only_skips(&scenario_rows, t.name()) {
@@ -276,9 +279,11 @@ impl Runner {
                     for r in &got {
                         self.progress.line(summary_line(r));
                     }
-                    scenario_rows.extend(got);
+                    round_rows.extend(got);
                     self.progress.done();
                 }
+                crate::report::fill_ratios(&mut round_rows, &self.baseline);
+                scenario_rows.extend(round_rows);
             }
             let mut merged = merge_rounds(scenario_rows);
             // Rows of one case together (baseline first), cases in the order they were run.
@@ -764,6 +769,12 @@ pub fn merge_rounds(rows: Vec<Row>) -> Vec<Row> {
         let values: Vec<f64> = ok.iter().filter_map(|r| r.value).collect();
         let mut row = ok[(ok.len() - 1) / 2].clone();
         row.value = crate::stats::median(&values);
+        // The median of per-round ratios: each round's figure over the baseline measured
+        // moments before it, so a slow spell shared by both cancels out.
+        let ratios: Vec<f64> = ok.iter().filter_map(|r| r.ratio).collect();
+        row.ratio = crate::stats::median(&ratios);
+        let p99s: Vec<f64> = ok.iter().filter_map(|r| r.p99_ratio).collect();
+        row.p99_ratio = crate::stats::median(&p99s);
         let (lo, hi) = (values[0], values[values.len() - 1]);
         row.notes.insert(
             0,
@@ -958,11 +969,15 @@ mod tests {
             "not installed",
         ));
         rows.push(Row::ok("http-small", "64 conns", "direct", "req/s", 50.0, true));
+        for (r, ratio) in rows.iter_mut().zip([0.1, 0.9, 0.5]) {
+            r.ratio = Some(ratio);
+        }
         rows.push(Row::without("http-small", "64 conns", "direct", Status::Failed, "boom"));
         let merged = merge_rounds(rows);
         assert_eq!(merged.len(), 3);
         let strait = merged.iter().find(|r| r.target == "strait").unwrap();
         assert_eq!(strait.value, Some(20.0));
+        assert_eq!(strait.ratio, Some(0.5), "median of the per-round ratios");
         assert_eq!(strait.extra["min"], 10.0);
         assert_eq!(strait.extra["max"], 30.0);
         assert!(strait.notes[0].starts_with("median of 3 rounds"));

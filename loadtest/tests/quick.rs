@@ -36,6 +36,7 @@ async fn direct_only_quick_run_produces_every_traffic_figure() {
         backend: None,
         workdir: work.path().to_path_buf(),
         progress: Progress::new(0, false),
+        baseline: "direct".into(),
     };
     let direct = External::parse(&format!("direct:http={http},tcp={tcp}")).unwrap();
     let scenarios = [
