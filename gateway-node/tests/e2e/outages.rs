@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
-use strait_agent::{AgentConfig, AgentHandle, AgentStatus, GatewayUrl};
+use strait_agent::{AgentHandle, AgentStatus};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -19,22 +19,9 @@ use tokio::task::{AbortHandle, JoinHandle};
 use crate::harness::*;
 use crate::http::metric_value;
 use crate::procs::{ProcCluster, REDIS};
+use crate::real_cluster::agent_cfg;
 
 const RABBITMQ: &str = "127.0.0.1:5672";
-
-/// An agent that dials `first` node first, then the others (as in `real_cluster`).
-fn agent_cfg(c: &ProcCluster, token: strait_schema::AgentToken, first: usize, exposes: &[String]) -> AgentConfig {
-    let mut cfg = AgentConfig::new(&c.nodes[first].agent_url(), token).unwrap();
-    for (i, n) in c.nodes.iter().enumerate() {
-        if i != first {
-            cfg.gateways.push(GatewayUrl::parse(&n.agent_url()).unwrap());
-        }
-    }
-    for e in exposes {
-        cfg = cfg.expose(e).unwrap();
-    }
-    cfg
-}
 
 /// Runs `test`; if it panics, prints every node's log first (the panic then goes on).
 async fn with_logs<T>(c: &ProcCluster, test: impl std::future::Future<Output = T>) -> T {

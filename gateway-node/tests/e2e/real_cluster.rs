@@ -13,7 +13,12 @@ use crate::http::metric_value;
 use crate::procs::ProcCluster;
 
 /// An agent that dials `first` node first, then the others.
-fn agent_cfg(c: &ProcCluster, token: strait_schema::AgentToken, first: usize, exposes: &[String]) -> AgentConfig {
+pub(crate) fn agent_cfg(
+    c: &ProcCluster,
+    token: strait_schema::AgentToken,
+    first: usize,
+    exposes: &[String],
+) -> AgentConfig {
     let mut cfg = AgentConfig::new(&c.nodes[first].agent_url(), token).unwrap();
     for (i, n) in c.nodes.iter().enumerate() {
         if i != first {
