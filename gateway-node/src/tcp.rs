@@ -340,11 +340,10 @@ impl Handler<Pump> for RawStream {
                         credit_back.consumed(b.len());
                     }
                     BodyEvent::Fin => {
+                        // Half-close towards the caller; this direction is done.
                         let _ = wr.shutdown().await;
                         done.do_send(HalfDone::Clean);
-                        // Keep the write half alive until the actor ends: dropping it is fine after
-                        // shutdown, but holding it avoids a surprise close on some platforms.
-                        std::future::pending::<()>().await;
+                        return;
                     }
                     BodyEvent::Reset(..) => return,
                 }

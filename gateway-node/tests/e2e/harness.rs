@@ -316,23 +316,7 @@ impl TestNode {
 
     /// Creates an agent identity in the node's store.
     pub async fn add_agent(&self, name: &str) -> AgentToken {
-        let token = AgentToken {
-            agent: AgentName::new(name).unwrap(),
-            key_id: "k1".into(),
-            secret: Secret::generate(),
-        };
-        self.state
-            .store
-            .create_agent(AgentRecord {
-                name: token.agent.clone(),
-                key_id: token.key_id.clone(),
-                secret: token.secret.clone(),
-                created_at_ms: now_ms(),
-                revoked_at_ms: None,
-            })
-            .await
-            .unwrap();
-        token
+        create_agent(self.state.store.as_ref(), name).await
     }
 
     /// Adds an agent, starts it exposing `upstream` as its default service, and waits for Welcome.
@@ -628,4 +612,24 @@ pub async fn stale_looking_alive_agent(
         let _ = tx.send(());
     });
     rx
+}
+
+/// Creates agent `name` with a fresh key in `store` and returns its token.
+pub async fn create_agent(store: &dyn strait_gateway::store::Store, name: &str) -> AgentToken {
+    let token = AgentToken {
+        agent: AgentName::new(name).unwrap(),
+        key_id: "k1".into(),
+        secret: Secret::generate(),
+    };
+    store
+        .create_agent(AgentRecord {
+            name: token.agent.clone(),
+            key_id: token.key_id.clone(),
+            secret: token.secret.clone(),
+            created_at_ms: now_ms(),
+            revoked_at_ms: None,
+        })
+        .await
+        .unwrap();
+    token
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use strait_gateway::store::postgres::testing::TempDatabase;
-use strait_gateway::store::{now_ms, AgentRecord, PgStore, Store};
-use strait_schema::{AgentName, AgentToken, Secret};
+use strait_gateway::store::{PgStore, Store};
+use strait_schema::{AgentName, AgentToken};
 
 pub const REDIS: &str = "redis://127.0.0.1:6379/";
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -187,23 +187,7 @@ impl ProcCluster {
 
     /// Creates an agent identity in the cluster's store.
     pub async fn add_agent(&self, name: &str) -> AgentToken {
-        let store = PgStore::connect(&self.db_url).await.unwrap();
-        let token = AgentToken {
-            agent: AgentName::new(name).unwrap(),
-            key_id: "k1".into(),
-            secret: Secret::generate(),
-        };
-        store
-            .create_agent(AgentRecord {
-                name: token.agent.clone(),
-                key_id: token.key_id.clone(),
-                secret: token.secret.clone(),
-                created_at_ms: now_ms(),
-                revoked_at_ms: None,
-            })
-            .await
-            .unwrap();
-        token
+        crate::harness::create_agent(&PgStore::connect(&self.db_url).await.unwrap(), name).await
     }
 
     /// Stores a TCP route served by node `i` only.
