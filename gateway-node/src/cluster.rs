@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::node::{NodeState, SessionRef};
 use crate::session::{AgentLink, BodyEvent, FromCaller, OpenStream, StreamCloser, StreamEvent, StreamGrant};
+use crate::telemetry;
 
 /// Hands envelopes to the bus in order, without making senders wait: one pump task per node.
 #[derive(Clone)]
@@ -51,13 +52,20 @@ impl BusOut {
     }
 
     /// Queues `frame` for `agent` (at fencing `epoch`) on node `to`. False if the pump is gone.
+    ///
+    /// A frame that opens a stream carries the current span's `traceparent`, so the agent's node
+    /// joins the caller's trace; `Data`/`Credit` and the rest never format one.
     pub fn send(&self, to: &str, agent: &AgentName, epoch: u64, frame: Frame) -> bool {
+        let trace_parent = match frame {
+            Frame::RequestHead(_) | Frame::StreamOpen(_) => telemetry::current_traceparent(),
+            _ => String::new(),
+        };
         self.tx
             .send(BusEnvelope {
                 from_node: self.node_id.to_string(),
                 to_node: to.to_owned(),
                 seq: 0, // assigned by the bus, per (sender, destination)
-                trace_parent: String::new(),
+                trace_parent,
                 agent: agent.clone(),
                 epoch,
                 frame,
@@ -185,10 +193,7 @@ pub async fn open_stream(
     open: OpenStream,
 ) -> Result<StreamGrant, (ErrorCode, String)> {
     match target {
-        Target::Local(s) => match s.addr.send(open).await {
-            Ok(r) => r,
-            Err(_) => Err((ErrorCode::AgentUnavailable, format!("agent {agent} disconnected"))),
-        },
+        Target::Local(s) => s.streams.open(open, &s.link, node.cfg.limits),
         Target::Remote { node: to, epoch } => {
             node.remote.map.lock().insert(
                 open.id,
@@ -233,6 +238,16 @@ pub async fn bridge(node: Arc<NodeState>, mut rx: mpsc::UnboundedReceiver<BusEnv
             .or_else(|| node.sessions.get(&env.agent))
         {
             Some(s) if s.epoch == env.epoch => {
+                // An open joins the caller node's trace; later frames of the stream stay span-free.
+                let span = match env.frame {
+                    Frame::RequestHead(_) | Frame::StreamOpen(_) => {
+                        let span = tracing::info_span!("bus.open", otel.kind = "consumer", agent = %env.agent, stream = %id, from_node = %env.from_node);
+                        telemetry::set_remote_parent(&span, &env.trace_parent);
+                        span
+                    }
+                    _ => tracing::Span::none(),
+                };
+                let _entered = span.enter();
                 s.addr.do_send(FromCaller {
                     from_node: env.from_node,
                     frame: env.frame,

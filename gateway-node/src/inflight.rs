@@ -67,31 +67,34 @@ impl InFlight {
     /// Starts pumping the request body (if any) towards the agent, within its credit.
     /// The payload is `!Send`, so the pump runs on this worker's thread.
     pub fn pump_body(&mut self, body: Option<actix_web::web::Payload>, max_data: usize) {
+        let Some(mut body) = body else {
+            // Most requests have no body: the Fin goes out now, without a task.
+            self.link.send(&Frame::Fin(Fin { stream: self.id }));
+            return;
+        };
         let (link, id, credit, node) = (self.link.clone(), self.id, self.send_credit.clone(), self.node.clone());
         self.pump = Some(actix_rt::spawn(async move {
-            if let Some(mut body) = body {
-                while let Some(chunk) = body.next().await {
-                    let Ok(mut chunk) = chunk else {
-                        link.send(&Frame::Reset(Reset {
-                            stream: id,
-                            code: ErrorCode::Reset,
-                            reason: "caller aborted the request body".into(),
-                        }));
+            while let Some(chunk) = body.next().await {
+                let Ok(mut chunk) = chunk else {
+                    link.send(&Frame::Reset(Reset {
+                        stream: id,
+                        code: ErrorCode::Reset,
+                        reason: "caller aborted the request body".into(),
+                    }));
+                    return;
+                };
+                node.metrics.bytes.with_label_values(&["in"]).inc_by(chunk.len() as u64);
+                while !chunk.is_empty() {
+                    let n = chunk.len().min(max_data);
+                    let Ok(permit) = credit.acquire_many(n as u32).await else {
                         return;
                     };
-                    node.metrics.bytes.with_label_values(&["in"]).inc_by(chunk.len() as u64);
-                    while !chunk.is_empty() {
-                        let n = chunk.len().min(max_data);
-                        let Ok(permit) = credit.acquire_many(n as u32).await else {
-                            return;
-                        };
-                        permit.forget();
-                        if !link.send(&Frame::Data(Data {
-                            stream: id,
-                            bytes: chunk.split_to(n),
-                        })) {
-                            return;
-                        }
+                    permit.forget();
+                    if !link.send(&Frame::Data(Data {
+                        stream: id,
+                        bytes: chunk.split_to(n),
+                    })) {
+                        return;
                     }
                 }
             }

@@ -10,6 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use strait_schema::{AgentName, ErrorCode, Frame, Header, RequestHead, StreamId};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::cluster::{self, Target};
 use crate::inflight::{CallerGone, InFlight, TunnelBody};
@@ -104,8 +105,16 @@ impl Drop for CallerGuard {
     }
 }
 
-/// The ingress handler for every path.
+/// The ingress handler for every path, in one `ingress` span per request: method, agent and
+/// status only (a path or query may carry a caller's credentials).
 pub async fn handle(req: HttpRequest, payload: web::Payload, node: web::Data<NodeState>) -> HttpResponse {
+    let span = tracing::info_span!("ingress", otel.kind = "server", http.request.method = %req.method(), agent = tracing::field::Empty, http.response.status_code = tracing::field::Empty);
+    let res = carry(req, payload, node).instrument(span.clone()).await;
+    span.record("http.response.status_code", res.status().as_u16());
+    res
+}
+
+async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeState>) -> HttpResponse {
     let node: Arc<NodeState> = node.into_inner();
     let host = req.connection_info().host().to_owned();
     let Some((agent, service)) = route_host(&host, &node.cfg.domain) else {
@@ -118,6 +127,7 @@ pub async fn handle(req: HttpRequest, payload: web::Payload, node: web::Data<Nod
             ),
         );
     };
+    tracing::Span::current().record("agent", agent.as_str());
     let target = match cluster::locate(&node, &agent).await {
         Ok(t) => t,
         Err((code, why)) => {
@@ -148,7 +158,7 @@ pub async fn handle(req: HttpRequest, payload: web::Payload, node: web::Data<Nod
     let ctx = actix::Context::<InFlight>::new();
     let addr = ctx.address();
     let closer = match &target {
-        Target::Local(s) => StreamCloser::Local(s.addr.clone()),
+        Target::Local(s) => StreamCloser::Local(s.streams.clone()),
         Target::Remote { .. } => StreamCloser::Remote(node.clone()),
     };
     let mut open_guard = OpenGuard(Some((closer, id)));

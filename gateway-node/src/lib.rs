@@ -14,6 +14,7 @@ pub mod ops;
 pub mod session;
 pub mod store;
 pub mod tcp;
+pub mod telemetry;
 
 pub use config::{Backends, NodeConfig, ServeArgs, StoreArgs};
 pub use error::Error;

@@ -6,8 +6,13 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use strait_gateway::config::{Backends, NodeConfig, ServeArgs, StoreArgs};
 use strait_gateway::store::{now_ms, AgentRecord, PgStore, Route, SqliteStore, Store};
-use strait_gateway::{Listeners, NodeState};
+use strait_gateway::{telemetry, Listeners, NodeState};
 use strait_schema::{AgentName, AgentToken, Secret};
+
+/// mimalloc: the tunnel allocates a few small buffers per frame, and glibc malloc took ~15% of the
+/// CPU under load (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -99,16 +104,18 @@ enum AgentCmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     match cli.cmd {
         None => serve(cli.serve),
         Some(Cmd::Serve(a)) => serve(*a),
-        Some(Cmd::Agent(cmd)) => actix_rt::System::new().block_on(agent_cmd(cmd)),
-        Some(Cmd::Route(cmd)) => actix_rt::System::new().block_on(route_cmd(cmd)),
+        Some(Cmd::Agent(cmd)) => {
+            let _logs = telemetry::init(None)?;
+            actix_rt::System::new().block_on(agent_cmd(cmd))
+        }
+        Some(Cmd::Route(cmd)) => {
+            let _logs = telemetry::init(None)?;
+            actix_rt::System::new().block_on(route_cmd(cmd))
+        }
     }
 }
 
@@ -219,6 +226,7 @@ async fn route_cmd(cmd: RouteCmd) -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = NodeConfig::from_args(&args)?;
+    let telemetry = telemetry::init(Some(&cfg.node_id))?;
     let listeners = Listeners::bind(args.agent_listen, args.http_listen, args.ops_listen)?;
     tracing::info!(
         node = %cfg.node_id,
@@ -229,11 +237,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         mode = if matches!(cfg.backends, Backends::Cluster { .. }) { "cluster" } else { "single node" },
         "starting gateway node"
     );
-    actix_rt::System::new().block_on(async move {
+    let served = actix_rt::System::new().block_on(async move {
         let state = NodeState::open(cfg).await?;
         strait_gateway::run(listeners, state, shutdown_signal()).await?;
         Ok(())
-    })
+    });
+    // After the node's runtime is done, on this plain thread: spans that ended just before
+    // SIGTERM are still exported.
+    telemetry.shutdown();
+    served
 }
 
 async fn shutdown_signal() {

@@ -18,7 +18,7 @@ use crate::config::{Backends, NodeConfig};
 use crate::directory::{Directory, MemoryDirectory, RedisDirectory};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::session::{AgentSession, Drain, Kick};
+use crate::session::{AgentLink, AgentSession, Drain, Kick, StreamTable};
 use crate::store::{PgStore, SqliteStore, Store};
 use crate::{cluster, ingress, ops, session};
 
@@ -44,6 +44,12 @@ pub struct SessionRef {
     pub addr: Addr<AgentSession>,
     /// Presence epoch of this session (frames relayed for an older one are dropped).
     pub epoch: u64,
+    /// Its streams: callers on this node open and close theirs here, without a message.
+    pub streams: Arc<StreamTable>,
+    /// Its socket's writer: callers on this node send their frames straight to it.
+    pub link: AgentLink,
+    /// The thread it runs on (byte streams to it run there too).
+    pub arbiter: actix_rt::ArbiterHandle,
 }
 
 /// Agents with a session on this node. The directory says which node holds an agent; this says

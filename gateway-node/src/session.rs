@@ -11,6 +11,7 @@ use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage as WsMessage, CloseCode, CloseReason, ProtocolError};
 use bytes::Bytes;
+use parking_lot::Mutex;
 use strait_schema::{
     credentials, decode_bytes, encode, AgentName, ErrorCode, Frame, Hello, Limits, Pong, RefuseCode, Refused,
     RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, PROTOCOL_VERSION,
@@ -97,7 +98,7 @@ impl AgentLink {
 #[derive(Clone)]
 pub enum StreamCloser {
     /// The agent's session is on this node.
-    Local(Addr<AgentSession>),
+    Local(Arc<StreamTable>),
     /// The agent is on another node.
     Remote(Arc<NodeState>),
 }
@@ -106,7 +107,7 @@ impl StreamCloser {
     /// The owner is done with `id` (it already told the agent, if it had to).
     pub fn close(&self, id: StreamId) {
         match self {
-            StreamCloser::Local(a) => a.do_send(CloseStream { id }),
+            StreamCloser::Local(t) => t.close(id),
             StreamCloser::Remote(n) => n.remote.remove(id),
         }
     }
@@ -149,9 +150,7 @@ pub struct StreamGrant {
     pub closer: StreamCloser,
 }
 
-/// Asks an agent's session to register a new stream; the caller then sends the head itself.
-#[derive(Message)]
-#[rtype(result = "Result<StreamGrant, (ErrorCode, String)>")]
+/// A new stream for an agent's session to register; the caller then sends the head itself.
 pub struct OpenStream {
     /// New stream id.
     pub id: StreamId,
@@ -161,14 +160,6 @@ pub struct OpenStream {
     pub body: mpsc::UnboundedSender<BodyEvent>,
     /// HTTP streams start with the agent's `ResponseHead`; byte streams carry data at once.
     pub expects_head: bool,
-}
-
-/// The stream's owner is done with it (finished or aborted; it already told the agent).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct CloseStream {
-    /// Stream id.
-    pub id: StreamId,
 }
 
 /// The node is shutting down: tell the agent to reconnect elsewhere (`GoAway`), and keep serving
@@ -288,6 +279,78 @@ impl StreamEntry {
     }
 }
 
+/// The open streams of one agent connection, shared by the session actor (frames from the agent)
+/// and the callers on this node (open, close): opening or closing a stream takes an uncontended
+/// lock on the caller's thread instead of a message to the session's thread and back.
+#[derive(Default)]
+pub struct StreamTable {
+    inner: Mutex<Streams>,
+}
+
+#[derive(Default)]
+struct Streams {
+    /// True from the handshake until the session starts closing.
+    accepting: bool,
+    map: HashMap<StreamId, StreamEntry>,
+}
+
+impl Streams {
+    /// Whether a new stream may open: the session is active, under its stream cap, and the id is
+    /// new. Shared by local and relayed opens so both refuse with the same codes.
+    fn admit(&self, id: StreamId, max: usize) -> Result<(), (ErrorCode, String)> {
+        if !self.accepting {
+            return Err((ErrorCode::AgentUnavailable, "agent is disconnecting".into()));
+        }
+        if self.map.len() >= max {
+            return Err((
+                ErrorCode::TooManyStreams,
+                format!("agent has {} streams open", self.map.len()),
+            ));
+        }
+        if self.map.contains_key(&id) {
+            return Err((ErrorCode::Internal, "stream id collision".into()));
+        }
+        Ok(())
+    }
+}
+
+impl StreamTable {
+    /// Registers a stream whose caller is on this node. The returned grant sends through `link`.
+    pub fn open(
+        self: &Arc<Self>,
+        open: OpenStream,
+        link: &AgentLink,
+        limits: WireLimits,
+    ) -> Result<StreamGrant, (ErrorCode, String)> {
+        let granted = Arc::new(AtomicU64::new(u64::from(limits.stream_window)));
+        let mut t = self.inner.lock();
+        t.admit(open.id, limits.max_streams as usize)?;
+        t.map.insert(
+            open.id,
+            StreamEntry {
+                caller: Caller::Local {
+                    ctl: open.ctl,
+                    body: open.body,
+                },
+                granted: granted.clone(),
+                received: 0,
+                head_seen: !open.expects_head,
+            },
+        );
+        Ok(StreamGrant {
+            link: link.clone(),
+            limits,
+            granted,
+            closer: StreamCloser::Local(self.clone()),
+        })
+    }
+
+    /// The stream's owner is done with it (it already told the agent, if it had to).
+    pub fn close(&self, id: StreamId) {
+        self.inner.lock().map.remove(&id);
+    }
+}
+
 enum State {
     AwaitingHello,
     Verifying,
@@ -302,7 +365,7 @@ pub struct AgentSession {
     peer: Option<SocketAddr>,
     session_id: u64,
     state: State,
-    streams: HashMap<StreamId, StreamEntry>,
+    streams: Arc<StreamTable>,
     last_seen: Instant,
     decode_limits: Limits,
     /// `GoAway` was sent: losing presence retires this session instead of closing it.
@@ -342,7 +405,7 @@ pub async fn accept(
             peer: req.peer_addr(),
             session_id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             state: State::AwaitingHello,
-            streams: HashMap::new(),
+            streams: Arc::default(),
             last_seen: Instant::now(),
             decode_limits,
             draining: false,
@@ -431,8 +494,14 @@ impl AgentSession {
     }
 
     /// Resets every open stream towards its caller (local or on another node).
+    /// Also closes the table to new streams: whoever still holds this session is refused.
     fn drain_streams(&mut self, agent: &AgentName, epoch: u64, code: ErrorCode, why: &str) {
-        for (id, mut s) in self.streams.drain() {
+        let gone: Vec<(StreamId, StreamEntry)> = {
+            let mut t = self.streams.inner.lock();
+            t.accepting = false;
+            t.map.drain().collect()
+        };
+        for (id, mut s) in gone {
             s.reset_caller(&self.node, agent, epoch, id, code, why);
         }
     }
@@ -522,10 +591,14 @@ impl AgentSession {
                 }
             };
             let agent = hello.agent.clone();
+            this.streams.inner.lock().accepting = true;
             let sref = SessionRef {
                 session_id: this.session_id,
                 addr: ctx.address(),
                 epoch,
+                streams: this.streams.clone(),
+                link: this.link.clone(),
+                arbiter: actix_rt::Arbiter::current(),
             };
             if let Some(old) = this.node.sessions.insert(agent.clone(), sref) {
                 old.addr.do_send(Kick {
@@ -560,7 +633,10 @@ impl AgentSession {
     }
 
     fn on_frame(&mut self, ctx: &mut Context<Self>, frame: Frame) {
-        let Some((agent, epoch)) = self.ident() else { return };
+        let State::Active { agent, epoch } = &self.state else {
+            return;
+        };
+        let epoch = *epoch;
         match frame {
             Frame::Ping(p) => {
                 self.link.send(&Frame::Pong(Pong {
@@ -570,21 +646,28 @@ impl AgentSession {
             Frame::Pong(_) => {}
             Frame::ResponseHead(h) => {
                 let id = h.stream;
-                let Some(s) = self.streams.get_mut(&id) else {
+                let mut t = self.streams.inner.lock();
+                let Some(s) = t.map.get_mut(&id) else {
+                    drop(t);
                     return self.unknown_stream(id, "response_head");
                 };
                 if s.head_seen {
+                    drop(t);
                     return self.reset_stream(id, ErrorCode::ProtocolError, "second response head");
                 }
                 s.head_seen = true;
-                if !s.forward_to_caller(&self.node, &agent, epoch, Frame::ResponseHead(h)) {
+                let delivered = s.forward_to_caller(&self.node, agent, epoch, Frame::ResponseHead(h));
+                drop(t);
+                if !delivered {
                     // The caller is already gone; tell the agent so it stops sending.
                     self.reset_stream(id, ErrorCode::Reset, "caller went away");
                 }
             }
             Frame::Data(d) => {
                 let id = d.stream;
-                let Some(s) = self.streams.get_mut(&id) else {
+                let mut t = self.streams.inner.lock();
+                let Some(s) = t.map.get_mut(&id) else {
+                    drop(t);
                     return self.unknown_stream(id, "data");
                 };
                 s.received += d.bytes.len() as u64;
@@ -594,6 +677,7 @@ impl AgentSession {
                     } else {
                         "data before response head"
                     };
+                    drop(t);
                     return self.reset_stream(id, ErrorCode::ProtocolError, why);
                 }
                 if matches!(s.caller, Caller::Local { .. }) {
@@ -603,29 +687,45 @@ impl AgentSession {
                         .with_label_values(&["out"])
                         .inc_by(d.bytes.len() as u64);
                 }
-                s.forward_to_caller(&self.node, &agent, epoch, Frame::Data(d));
+                s.forward_to_caller(&self.node, agent, epoch, Frame::Data(d));
             }
-            Frame::Fin(f) => match self.streams.get_mut(&f.stream) {
-                Some(s) if s.head_seen => {
-                    s.forward_to_caller(&self.node, &agent, epoch, Frame::Fin(f));
-                    if s.relay_done() {
-                        self.streams.remove(&f.stream);
+            Frame::Fin(f) => {
+                let id = f.stream;
+                let mut t = self.streams.inner.lock();
+                match t.map.get_mut(&id) {
+                    Some(s) if s.head_seen => {
+                        s.forward_to_caller(&self.node, agent, epoch, Frame::Fin(f));
+                        if s.relay_done() {
+                            t.map.remove(&id);
+                        }
+                    }
+                    Some(_) => {
+                        drop(t);
+                        self.reset_stream(id, ErrorCode::ProtocolError, "fin before response head");
+                    }
+                    None => {
+                        drop(t);
+                        self.unknown_stream(id, "fin");
                     }
                 }
-                Some(_) => self.reset_stream(f.stream, ErrorCode::ProtocolError, "fin before response head"),
-                None => self.unknown_stream(f.stream, "fin"),
-            },
+            }
             Frame::Credit(c) => {
-                if let Some(s) = self.streams.get_mut(&c.stream) {
-                    if !s.forward_to_caller(&self.node, &agent, epoch, Frame::Credit(c)) {
-                        self.reset_stream(c.stream, ErrorCode::ProtocolError, "too many credit frames");
-                    }
+                let id = c.stream;
+                let mut t = self.streams.inner.lock();
+                let delivered = match t.map.get_mut(&id) {
+                    Some(s) => s.forward_to_caller(&self.node, agent, epoch, Frame::Credit(c)),
+                    None => true,
+                };
+                drop(t);
+                if !delivered {
+                    self.reset_stream(id, ErrorCode::ProtocolError, "too many credit frames");
                 }
             }
             Frame::Reset(r) => {
-                if let Some(mut s) = self.streams.remove(&r.stream) {
+                let entry = self.streams.inner.lock().map.remove(&r.stream);
+                if let Some(mut s) = entry {
                     self.node.metrics.resets.with_label_values(&[r.code.as_str()]).inc();
-                    s.forward_to_caller(&self.node, &agent, epoch, Frame::Reset(r));
+                    s.forward_to_caller(&self.node, agent, epoch, Frame::Reset(r));
                 }
             }
             Frame::RequestHead(RequestHead { stream, .. }) | Frame::StreamOpen(StreamOpen { stream, .. }) => {
@@ -649,7 +749,7 @@ impl AgentSession {
 
     /// A frame for a stream we do not know: usually one that just ended (frames cross in flight),
     /// so answer with a Reset the agent can drop, and never more than that.
-    fn unknown_stream(&mut self, id: StreamId, kind: &'static str) {
+    fn unknown_stream(&self, id: StreamId, kind: &'static str) {
         self.refuse_frame("unknown_stream");
         tracing::debug!(stream = %id, kind, "frame for unknown stream");
         self.link.send(&Frame::Reset(Reset {
@@ -659,8 +759,9 @@ impl AgentSession {
         }));
     }
 
-    /// Aborts one stream in both directions with a reason; its neighbours are untouched.
-    fn reset_stream(&mut self, id: StreamId, code: ErrorCode, why: &str) {
+    /// Aborts one stream in both directions with a reason; its neighbours are untouched. Must not
+    /// be called with the stream table locked.
+    fn reset_stream(&self, id: StreamId, code: ErrorCode, why: &str) {
         tracing::info!(stream = %id, %code, why, "resetting stream");
         self.node.metrics.resets.with_label_values(&[code.as_str()]).inc();
         self.link.send(&Frame::Reset(Reset {
@@ -668,8 +769,9 @@ impl AgentSession {
             code,
             reason: why.to_owned(),
         }));
-        if let (Some(mut s), Some((agent, epoch))) = (self.streams.remove(&id), self.ident()) {
-            s.reset_caller(&self.node, &agent, epoch, id, code, why);
+        let entry = self.streams.inner.lock().map.remove(&id);
+        if let (Some(mut s), State::Active { agent, epoch }) = (entry, &self.state) {
+            s.reset_caller(&self.node, agent, *epoch, id, code, why);
         }
     }
 }
@@ -796,76 +898,29 @@ impl AgentSession {
     }
 }
 
-impl AgentSession {
-    /// Whether a new stream may open: the session is active, under its stream cap, and the id is
-    /// new. Shared by local and relayed opens so both refuse with the same codes.
-    fn admit(&self, id: StreamId) -> Result<(), (ErrorCode, String)> {
-        if !matches!(self.state, State::Active { .. }) {
-            return Err((ErrorCode::AgentUnavailable, "agent is disconnecting".into()));
-        }
-        let max = self.node.cfg.limits.max_streams as usize;
-        if self.streams.len() >= max {
-            return Err((
-                ErrorCode::TooManyStreams,
-                format!("agent has {} streams open", self.streams.len()),
-            ));
-        }
-        if self.streams.contains_key(&id) {
-            return Err((ErrorCode::Internal, "stream id collision".into()));
-        }
-        Ok(())
-    }
-
-    fn window(&self) -> Arc<AtomicU64> {
-        Arc::new(AtomicU64::new(u64::from(self.node.cfg.limits.stream_window)))
-    }
-}
-
-impl Handler<OpenStream> for AgentSession {
-    type Result = Result<StreamGrant, (ErrorCode, String)>;
-
-    fn handle(&mut self, msg: OpenStream, ctx: &mut Self::Context) -> Self::Result {
-        self.admit(msg.id)?;
-        let granted = self.window();
-        let caller = Caller::Local {
-            ctl: msg.ctl,
-            body: msg.body,
-        };
-        self.streams.insert(
-            msg.id,
-            StreamEntry {
-                caller,
-                granted: granted.clone(),
-                received: 0,
-                head_seen: !msg.expects_head,
-            },
-        );
-        Ok(StreamGrant {
-            link: self.link.clone(),
-            limits: self.node.cfg.limits,
-            granted,
-            closer: StreamCloser::Local(ctx.address()),
-        })
-    }
-}
-
 impl Handler<FromCaller> for AgentSession {
     type Result = ();
 
     /// Frames from a caller on another node: opens are admitted like local ones (refusals go back
     /// over the bus), the rest are passed to the agent, with credit counted for enforcement.
     fn handle(&mut self, msg: FromCaller, _: &mut Self::Context) {
-        let Some((agent, epoch)) = self.ident() else { return };
+        let State::Active { agent, epoch } = &self.state else {
+            return;
+        };
+        let epoch = *epoch;
         let Some(id) = msg.frame.stream() else { return };
+        let limits = self.node.cfg.limits;
+        let mut t = self.streams.inner.lock();
         match &msg.frame {
             Frame::RequestHead(_) | Frame::StreamOpen(_) => {
-                if let Err((code, why)) = self.admit(id) {
+                if let Err((code, why)) = t.admit(id, limits.max_streams as usize) {
+                    drop(t);
                     let reset = Frame::Reset(Reset {
                         stream: id,
                         code,
                         reason: why,
                     });
-                    self.node.bus_out.send(&msg.from_node, &agent, epoch, reset);
+                    self.node.bus_out.send(&msg.from_node, agent, epoch, reset);
                     return;
                 }
                 let head_seen = matches!(msg.frame, Frame::StreamOpen(_));
@@ -874,23 +929,26 @@ impl Handler<FromCaller> for AgentSession {
                     fin_from_caller: false,
                     fin_from_agent: false,
                 };
-                self.streams.insert(
+                t.map.insert(
                     id,
                     StreamEntry {
                         caller,
-                        granted: self.window(),
+                        granted: Arc::new(AtomicU64::new(u64::from(limits.stream_window))),
                         received: 0,
                         head_seen,
                     },
                 );
+                drop(t);
                 self.link.send(&msg.frame);
             }
             _ => {
-                let Some(s) = self.streams.get_mut(&id) else {
+                let Some(s) = t.map.get_mut(&id) else {
+                    drop(t);
                     self.refuse_frame("unknown_relayed_stream");
                     return;
                 };
                 if !matches!(&s.caller, Caller::Remote { node, .. } if *node == msg.from_node) {
+                    drop(t);
                     self.refuse_frame("relayed_frame_from_wrong_node");
                     return;
                 }
@@ -905,20 +963,13 @@ impl Handler<FromCaller> for AgentSession {
                     }
                     _ => {}
                 }
-                let done = s.relay_done() || matches!(msg.frame, Frame::Reset(_));
-                self.link.send(&msg.frame);
-                if done {
-                    self.streams.remove(&id);
+                if s.relay_done() || matches!(msg.frame, Frame::Reset(_)) {
+                    t.map.remove(&id);
                 }
+                drop(t);
+                self.link.send(&msg.frame);
             }
         }
-    }
-}
-
-impl Handler<CloseStream> for AgentSession {
-    type Result = ();
-    fn handle(&mut self, msg: CloseStream, _: &mut Self::Context) {
-        self.streams.remove(&msg.id);
     }
 }
 

@@ -15,6 +15,7 @@ use strait_schema::{Data, ErrorCode, Fin, Frame, Reset, StreamId, StreamOpen};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, Semaphore};
+use tracing::Instrument;
 
 use crate::cluster;
 use crate::inflight::CreditReturner;
@@ -82,17 +83,22 @@ async fn accept_loop(
         let _ = sock.set_nodelay(true);
         let Ok(std_sock) = sock.into_std() else { continue };
         let (state, route) = (state.clone(), route.clone());
+        let span =
+            tracing::info_span!("tcp.accept", otel.kind = "server", agent = %route.agent, service = %route.service);
+        // An agent connected here: run the stream on its session's thread, so the relay and the
+        // agent's writer never wake each other across threads. Otherwise spread the streams.
+        let home = state.sessions.get(&route.agent).map(|s| s.arbiter);
         let i = NEXT_ARBITER.fetch_add(1, Ordering::Relaxed) % arbiters.len().max(1);
         // The stream's actor context is not `Send`, so the future is built on the arbiter itself.
         let run = move || {
             actix_rt::spawn(async move {
                 match tokio::net::TcpStream::from_std(std_sock) {
-                    Ok(sock) => open(state, route, sock, peer).await,
+                    Ok(sock) => open(state, route, sock, peer).instrument(span).await,
                     Err(e) => tracing::warn!(error = %e, "could not adopt accepted socket"),
                 }
             });
         };
-        match arbiters.get(i) {
+        match home.as_ref().or_else(|| arbiters.get(i)) {
             Some(a) => {
                 a.spawn_fn(run);
             }

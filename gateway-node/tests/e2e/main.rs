@@ -13,3 +13,6 @@ mod protocol;
 mod real_cluster;
 mod rolling;
 mod tcp;
+// Not `mod tracing`: that would shadow the `tracing` crate in this binary's root.
+#[path = "tracing.rs"]
+mod tracing_otel;

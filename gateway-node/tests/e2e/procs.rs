@@ -32,6 +32,8 @@ pub struct ProcNode {
     api: SocketAddr,
     redis: String,
     amqp: String,
+    /// Extra environment for the process (applies from its next start).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -87,6 +89,7 @@ impl ProcCluster {
                     api: free_addr(),
                     redis,
                     amqp,
+                    env: Vec::new(),
                     child: None,
                 });
             }
@@ -139,6 +142,7 @@ impl ProcCluster {
             ])
             .args(["--ops-listen", &n.ops.to_string(), "--api-listen", &n.api.to_string()])
             .env("RUST_LOG", "info")
+            .envs(n.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
