@@ -9,11 +9,6 @@ use clap::Parser;
 use strait_agent::Settings;
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc: the tunnel allocates a few small buffers per frame, and glibc malloc took ~15% of the
-/// CPU under load (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Dial out to a Strait gateway and expose local services through it.
 #[derive(Debug, Parser)]
 #[command(name = "strait-agent", version)]

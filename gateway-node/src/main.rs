@@ -9,11 +9,6 @@ use strait_gateway::store::{now_ms, AgentRecord, PgStore, Route, SqliteStore, St
 use strait_gateway::{telemetry, Listeners, NodeState};
 use strait_schema::{AgentName, AgentToken, Secret};
 
-/// mimalloc: the tunnel allocates a few small buffers per frame, and glibc malloc took ~15% of the
-/// CPU under load (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "strait-gateway",

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use strait_loadtest::backend::Backend;
+use strait_loadtest::cluster::Services;
 use strait_loadtest::machine::{command_line_output, Machine, Versions};
 use strait_loadtest::report::{rfc3339, Report};
 use strait_loadtest::scenario::{Plan, Progress, Runner, Scenario};
@@ -51,7 +52,9 @@ struct RunArgs {
     /// tcp-bulk, agents-idle, streams-held, connect-storm.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Spawned targets, comma-separated (with --spawn): direct, strait, rathole.
+    /// Spawned targets, comma-separated (with --spawn): direct, strait, rathole, strait-same,
+    /// strait-cross (the last two: a two-node cluster on Redis, RabbitMQ and Postgres, load to
+    /// the agent's node or to the other one).
     #[arg(long, value_delimiter = ',', default_value = "direct,strait,rathole")]
     targets: Vec<String>,
     /// A target you run: NAME:http=ADDR,host=HOST,tcp=ADDR,pid=PID,ws=URL,data-dir=DIR,ops=ADDR
@@ -92,6 +95,15 @@ struct RunArgs {
     /// Rounds per scenario (targets interleaved); each figure is the median round.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Redis for the cluster targets (each stack uses its own key prefix and removes it).
+    #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+    /// RabbitMQ for the cluster targets (each stack's streams are deleted after).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+    /// Postgres admin URL for the cluster targets (each stack gets a fresh database, dropped after).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pg_admin_url: String,
     /// Exit non-zero unless every scenario produced figures and no row failed (for CI).
     #[arg(long)]
     check: bool,
@@ -101,8 +113,11 @@ struct RunArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // lapin logs an orderly close of the cluster clean-up's AMQP connection as an error.
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error,lapin=off".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -200,6 +215,11 @@ async fn run(a: RunArgs) -> anyhow::Result<i32> {
         workdir: workdir.path().to_path_buf(),
         progress: Progress::new(steps, visible),
         baseline: a.baseline.clone(),
+        services: Services {
+            redis: a.redis_url.clone(),
+            amqp: a.amqp_url.clone(),
+            pg_admin: a.pg_admin_url.clone(),
+        },
     };
     let rows = tokio::select! {
         rows = runner.run(&scenarios, &targets) => rows,

@@ -8,8 +8,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::cluster::{Cost, CrossNode};
 use crate::machine::{Machine, Versions};
 use crate::stats::{ratio, LatencySummary};
+use crate::target::Spawned;
 
 /// How a row came out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -60,6 +62,12 @@ pub struct Row {
     /// Remarks (first error seen, how a figure is derived).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// What the measurement cost a cluster target (node CPU, bus envelopes), over its window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
+    /// On `strait-cross` rows: what crossing nodes added, against `strait-same`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_node: Option<CrossNode>,
 }
 
 impl Row {
@@ -80,6 +88,8 @@ impl Row {
             errors: 0,
             extra: BTreeMap::new(),
             notes: Vec::new(),
+            cost: None,
+            cross_node: None,
         }
     }
 
@@ -120,6 +130,7 @@ impl Report {
     /// the baseline row of the same scenario and case.
     pub fn compute_ratios(&mut self) {
         fill_ratios(&mut self.rows, &self.baseline);
+        fill_cross_node(&mut self.rows);
     }
 
     /// Problems that make a `--check` run fail: rows that failed or could not run, and scenarios
@@ -143,6 +154,32 @@ impl Report {
         for s in scenarios {
             if !self.rows.iter().any(|r| &r.scenario == s && r.status == Status::Ok) {
                 out.push(format!("{s}: no figure"));
+            }
+        }
+        // A cross-node figure proves something only if frames did cross the bus.
+        for r in &self.rows {
+            if r.target != Spawned::StraitCross.name() || r.status != Status::Ok {
+                continue;
+            }
+            let frames = r.cost.map_or(0.0, |c| c.bus_published);
+            if frames <= 0.0 {
+                out.push(format!(
+                    "{} / {} / {}: no frame crossed the bus",
+                    r.scenario, r.case, r.target
+                ));
+            }
+            let has_same = self
+                .rows
+                .iter()
+                .any(|s| s.target == Spawned::StraitSame.name() && s.scenario == r.scenario && s.case == r.case);
+            if has_same && r.cross_node.is_none_or(|x| x.vs_same.is_none()) {
+                out.push(format!(
+                    "{} / {} / {}: no comparison with {}",
+                    r.scenario,
+                    r.case,
+                    r.target,
+                    Spawned::StraitSame.name()
+                ));
             }
         }
         out
@@ -225,7 +262,112 @@ impl Report {
                 notes.join("; "),
             );
         }
+        self.cluster_markdown(&mut s);
         s
+    }
+
+    /// The cluster section: each `strait-cross` figure next to `strait-same`'s, with what the
+    /// bus added (latency, envelopes, CPU per envelope). Empty when no cluster target ran.
+    fn cluster_markdown(&self, s: &mut String) {
+        let (same_name, cross_name) = (Spawned::StraitSame.name(), Spawned::StraitCross.name());
+        let cross_rows: Vec<&Row> = self.rows.iter().filter(|r| r.target == cross_name).collect();
+        if cross_rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "\n### Cluster: across nodes (`{cross_name}`) vs same node (`{same_name}`)\n\n\
+             Two nodes of one cluster, the agent on B. `{same_name}`: load to B (the bus is skipped); \
+             `{cross_name}`: load to A (every frame crosses RabbitMQ). Bus frames are envelopes published \
+             by both nodes in the window; CPU per frame is (CPU per request or MiB across − same) / \
+             frames per request or MiB, both nodes; RabbitMQ + Redis are this machine's servers.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| scenario | case | same node | across | × same | p50 same / across | p99 same / across | added p50 / p99 | bus frames (per unit) | node CPU / frame | RabbitMQ+Redis CPU / frame |"
+        );
+        let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        for c in cross_rows {
+            let same = self
+                .rows
+                .iter()
+                .find(|r| r.target == same_name && r.scenario == c.scenario && r.case == c.case);
+            let fig = |r: Option<&Row>| match r {
+                Some(r) if r.status == Status::Ok => {
+                    r.value.map_or(String::new(), |v| format!("{} {}", human(v), r.unit))
+                }
+                Some(r) => format!("{:?}", r.status),
+                None => String::new(),
+            };
+            let lat = |f: fn(&LatencySummary) -> u64| {
+                let one = |r: Option<&Row>| r.and_then(|r| r.latency).map(|l| micros(f(&l)));
+                match (one(same), one(Some(c))) {
+                    (Some(a), Some(b)) => format!("{a} / {b}"),
+                    _ => String::new(),
+                }
+            };
+            let x = c.cross_node.unwrap_or_default();
+            let us = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.1} µs"));
+            let added = match (x.added_p50_us, x.added_p99_us) {
+                (Some(a), Some(b)) => format!("{} / {}", signed_micros(a), signed_micros(b)),
+                _ => String::new(),
+            };
+            let per_unit = c.cost.map_or("unit", |c| c.work_unit);
+            let frames = match (x.bus_frames.or(c.cost.map(|c| c.bus_published)), x.frames_per_unit) {
+                (Some(n), Some(p)) => format!("{} ({p:.2}/{per_unit})", human(n)),
+                (Some(n), None) => human(n),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                c.scenario,
+                c.case,
+                fig(same),
+                fig(Some(c)),
+                x.vs_same.map_or(String::new(), |v| format!("{v:.2}x")),
+                lat(|l| l.p50_us),
+                lat(|l| l.p99_us),
+                added,
+                frames,
+                us(x.node_cpu_us_per_frame),
+                us(x.services_cpu_us_per_frame),
+            );
+        }
+    }
+}
+
+/// A latency difference in µs, signed (`+1.20 ms`, `-80 µs`).
+fn signed_micros(us: f64) -> String {
+    let sign = if us < 0.0 { "-" } else { "+" };
+    format!("{sign}{}", micros(us.abs().round() as u64))
+}
+
+/// Sets `cross_node` of `strait-cross` rows that have none, against the `strait-same` row of the
+/// same scenario and case among `rows` (one round, so both saw the same spell of the machine).
+pub fn fill_cross_node(rows: &mut [Row]) {
+    type Side = (f64, Option<(u64, u64)>, Option<Cost>);
+    let same: BTreeMap<(String, String), Side> = rows
+        .iter()
+        .filter(|r| r.target == Spawned::StraitSame.name() && r.status == Status::Ok)
+        .filter_map(|r| {
+            let lat = r.latency.map(|l| (l.p50_us, l.p99_us));
+            r.value
+                .map(|v| ((r.scenario.clone(), r.case.clone()), (v, lat, r.cost)))
+        })
+        .collect();
+    for r in rows.iter_mut() {
+        if r.target != Spawned::StraitCross.name() || r.status != Status::Ok || r.cross_node.is_some() {
+            continue;
+        }
+        let (Some(v), Some((sv, slat, scost))) = (r.value, same.get(&(r.scenario.clone(), r.case.clone()))) else {
+            continue;
+        };
+        let lat = r.latency.map(|l| (l.p50_us, l.p99_us));
+        r.cross_node = Some(CrossNode::compare(
+            (v, lat, r.cost.as_ref()),
+            (*sv, *slat, scost.as_ref()),
+        ));
     }
 }
 
@@ -423,6 +565,52 @@ mod tests {
         assert!(p[0].contains("boom"));
         assert!(p.iter().any(|x| x == "tcp-bulk: no figure"));
         assert!(p.iter().any(|x| x == "agents-idle: no figure"));
+    }
+
+    fn cost(published: f64, work: f64) -> Cost {
+        Cost {
+            secs: 1.0,
+            node_cpu_ms: 100.0,
+            services_cpu_ms: None,
+            bus_published: published,
+            bus_received: published,
+            work,
+            work_unit: "request",
+        }
+    }
+
+    #[test]
+    fn cross_node_rows_are_compared_with_same_node_rows() {
+        let mut same = Row::ok("http-small", "64 conns", "strait-same", "req/s", 20_000.0, true);
+        same.latency = Some(lat(2_000));
+        same.cost = Some(cost(0.0, 200_000.0));
+        let mut cross = Row::ok("http-small", "64 conns", "strait-cross", "req/s", 10_000.0, true);
+        cross.latency = Some(lat(5_000));
+        cross.cost = Some(cost(500_000.0, 100_000.0));
+        let mut r = report(vec![same, cross]);
+        r.compute_ratios();
+        let x = r.rows[1].cross_node.unwrap();
+        assert_eq!(x.vs_same, Some(0.5));
+        assert_eq!(x.added_p99_us, Some(3_000.0));
+        assert_eq!(x.frames_per_unit, Some(5.0));
+        let md = r.to_markdown();
+        assert!(md.contains("### Cluster: across nodes"), "{md}");
+        assert!(
+            md.contains("| http-small | 64 conns | 20,000 req/s | 10,000 req/s | 0.50x |"),
+            "{md}"
+        );
+        assert!(r.problems(&["http-small".into()]).is_empty());
+    }
+
+    #[test]
+    fn problems_name_cross_node_rows_without_bus_frames() {
+        let mut cross = Row::ok("tcp-bulk", "1 stream down", "strait-cross", "MiB/s", 90.0, true);
+        cross.cost = Some(cost(0.0, 10.0));
+        let r = report(vec![cross]);
+        let p = r.problems(&["tcp-bulk".into()]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("no frame crossed the bus"));
+        assert!(!report(vec![]).to_markdown().contains("Cluster"));
     }
 
     #[test]

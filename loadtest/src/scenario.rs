@@ -11,9 +11,10 @@ use strait_agent::AgentConfig;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::cluster::{ClusterStack, Cost, CostProbe, CrossNode, Services};
 use crate::load::{self, Direction, HttpRun, HttpTarget, Window};
 use crate::report::{Row, Status};
-use crate::spawn::{self, Bins, Gateway, Proc, Rathole, StraitStack};
+use crate::spawn::{self, Backing, Bins, Gateway, Proc, Rathole, StraitStack};
 use crate::stats::{latency_histogram, record_us, LatencySummary};
 use crate::target::{Spawned, Target};
 use crate::Error;
@@ -107,6 +108,8 @@ pub struct Plan {
     pub max_requests: u64,
     /// Rounds per scenario; each figure is the median round.
     pub repeat: usize,
+    /// Scenarios the cluster targets run (traffic only: memory and agents are per node).
+    pub cluster_scenarios: Vec<Scenario>,
 }
 
 impl Plan {
@@ -128,6 +131,12 @@ impl Plan {
             storm_concurrency: 256,
             max_requests: 50_000_000,
             repeat: 1,
+            cluster_scenarios: vec![
+                Scenario::HttpSmall,
+                Scenario::HttpNewConn,
+                Scenario::HttpLarge,
+                Scenario::TcpBulk,
+            ],
         }
     }
 
@@ -141,6 +150,8 @@ impl Plan {
             agents: 200,
             streams: 200,
             storm: 200,
+            // The two the cluster report needs; each cluster stack takes seconds to start.
+            cluster_scenarios: vec![Scenario::HttpSmall, Scenario::TcpBulk],
             ..Plan::full()
         }
     }
@@ -218,6 +229,8 @@ pub struct Runner {
     pub progress: Progress,
     /// Target the ratios divide by (each round's figure by the same round's baseline).
     pub baseline: String,
+    /// Redis, RabbitMQ and Postgres for the cluster targets.
+    pub services: Services,
 }
 
 /// Live processes and the addresses HTTP and TCP load goes to.
@@ -228,6 +241,8 @@ struct Endpoints {
     /// Process whose RSS memory scenarios read, and a second one reported alongside (the
     /// agent or rathole client).
     pids: (Option<u32>, Option<u32>),
+    /// Reads a cluster target's CPU and bus counters around each measurement.
+    cost: Option<CostProbe>,
     _stack: Stack,
 }
 
@@ -237,6 +252,7 @@ enum Stack {
     None,
     Strait(Box<StraitStack>),
     Rathole(Box<Rathole>),
+    Cluster(Box<ClusterStack>),
 }
 
 impl Runner {
@@ -283,6 +299,7 @@ impl Runner {
                     self.progress.done();
                 }
                 crate::report::fill_ratios(&mut round_rows, &self.baseline);
+                crate::report::fill_cross_node(&mut round_rows);
                 scenario_rows.extend(round_rows);
             }
             let mut merged = merge_rounds(scenario_rows);
@@ -313,6 +330,14 @@ impl Runner {
     }
 
     async fn measure(&self, s: Scenario, t: &Target, dir: &Path) -> Result<Vec<Row>, Skip> {
+        if matches!(t, Target::Spawned(x) if x.is_cluster()) && !self.plan.cluster_scenarios.contains(&s) {
+            let why = if matches!(s, Scenario::AgentsIdle | Scenario::StreamsHeld | Scenario::ConnectStorm) {
+                "cluster targets measure traffic across nodes; memory and agents are measured on `strait`"
+            } else {
+                "not in this plan's cluster scenarios (--quick: http-small and tcp-bulk)"
+            };
+            return Err(Skip::NotApplicable(why.into()));
+        }
         match s {
             Scenario::HttpSmall | Scenario::HttpNewConn | Scenario::HttpLarge | Scenario::TcpBulk => {
                 let ep = self.endpoints(t, dir, 1024).await?;
@@ -354,6 +379,7 @@ impl Runner {
                     }),
                     tcp: Ok(tcp),
                     pids: (None, None),
+                    cost: None,
                     _stack: Stack::None,
                 }
             }
@@ -364,7 +390,24 @@ impl Runner {
                     http: Some(stack.http.clone()),
                     tcp: stack.tcp.clone(),
                     pids: (Some(stack.gateway.proc.pid()), Some(stack.agent.pid())),
+                    cost: None,
                     _stack: Stack::Strait(Box::new(stack)),
+                }
+            }
+            Target::Spawned(x @ (Spawned::StraitSame | Spawned::StraitCross)) => {
+                if let Some(why) = self.services.missing().await {
+                    return Err(Skip::Unavailable(why));
+                }
+                let (http, tcp) = self.backend()?;
+                let stack = ClusterStack::start(self.bins()?, &self.services, dir, http, tcp, max_streams).await?;
+                // The agent is on B (1): same-node load goes to B, cross-node load to A (0).
+                let node = if *x == Spawned::StraitSame { 1 } else { 0 };
+                Endpoints {
+                    http: Some(stack.ingress(node)),
+                    tcp: stack.routes[node].clone(),
+                    pids: (Some(stack.nodes[node].proc.pid()), Some(stack.agent.pid())),
+                    cost: Some(stack.probe()),
+                    _stack: Stack::Cluster(Box::new(stack)),
                 }
             }
             Target::Spawned(Spawned::Rathole) => {
@@ -375,6 +418,7 @@ impl Runner {
                     http: Some(target),
                     tcp: Ok(tcp),
                     pids: (Some(r.server.pid()), r.client.as_ref().map(Proc::pid)),
+                    cost: None,
                     _stack: Stack::Rathole(Box::new(r)),
                 }
             }
@@ -382,6 +426,7 @@ impl Runner {
                 http: e.http.clone(),
                 tcp: e.tcp.ok_or_else(|| "target has no tcp= address".to_owned()),
                 pids: (e.pid, None),
+                cost: None,
                 _stack: Stack::None,
             },
         })
@@ -397,43 +442,33 @@ impl Runner {
         };
         let mut rows = Vec::new();
         match s {
-            Scenario::HttpSmall => {
+            Scenario::HttpSmall | Scenario::HttpNewConn => {
                 let http = need_http()?;
-                let run = load::http_keepalive(
-                    &http,
-                    "/small",
-                    p.connections,
-                    Window::new(p.warmup, p.duration),
-                    p.max_requests,
-                )
-                .await;
-                rows.push(http_row(
+                let window = Window::new(p.warmup, p.duration);
+                let load = async {
+                    if s == Scenario::HttpSmall {
+                        load::http_keepalive(&http, "/small", p.connections, window, p.max_requests).await
+                    } else {
+                        load::http_new_conn(&http, "/small", p.new_conn_concurrency, window, p.max_requests).await
+                    }
+                };
+                let probe = async {
+                    match &ep.cost {
+                        Some(probe) => Some(probe.during(window).await),
+                        None => None,
+                    }
+                };
+                let (run, cost) = tokio::join!(load, probe);
+                let mut row = http_row(
                     name,
                     &self.case_label(s),
                     t.name(),
                     &run,
                     "req/s",
                     run.requests_per_sec(),
-                ));
-            }
-            Scenario::HttpNewConn => {
-                let http = need_http()?;
-                let run = load::http_new_conn(
-                    &http,
-                    "/small",
-                    p.new_conn_concurrency,
-                    Window::new(p.warmup, p.duration),
-                    p.max_requests,
-                )
-                .await;
-                rows.push(http_row(
-                    name,
-                    &self.case_label(s),
-                    t.name(),
-                    &run,
-                    "req/s",
-                    run.requests_per_sec(),
-                ));
+                );
+                attach_cost(&mut row, cost, run.requests as f64, "request");
+                rows.push(row);
             }
             Scenario::HttpLarge => {
                 let http = need_http()?;
@@ -446,9 +481,12 @@ impl Runner {
                             size_label(size),
                             dir_label(dir)
                         ));
-                        let run = load::http_bulk(&http, dir, size, conns, p.bulk_duration, p.max_requests).await;
+                        let load = load::http_bulk(&http, dir, size, conns, p.bulk_duration, p.max_requests);
+                        let (run, cost) = costed(ep.cost.as_ref(), load).await;
                         let case = format!("{} {} x{conns}", size_label(size), dir_label(dir));
-                        rows.push(http_row(name, &case, t.name(), &run, "MiB/s", run.mib_per_sec()));
+                        let mut row = http_row(name, &case, t.name(), &run, "MiB/s", run.mib_per_sec());
+                        attach_cost(&mut row, cost, run.bytes as f64 / MIB, "MiB");
+                        rows.push(row);
                     }
                 }
             }
@@ -458,7 +496,7 @@ impl Runner {
                     for dir in [Direction::Down, Direction::Up] {
                         let case = format!("{n} stream{} {}", if n == 1 { "" } else { "s" }, dir_label(dir));
                         self.progress.step(format!("{name} -> {}: {case}", t.name()));
-                        let run = load::tcp_bulk(tcp, dir, n, p.bulk_duration).await;
+                        let (run, cost) = costed(ep.cost.as_ref(), load::tcp_bulk(tcp, dir, n, p.bulk_duration)).await;
                         let mut row = if run.bytes == 0 {
                             Row::without(
                                 name,
@@ -476,6 +514,7 @@ impl Runner {
                         }
                         row.extra.insert("bytes".into(), run.bytes as f64);
                         row.extra.insert("secs".into(), run.elapsed.as_secs_f64());
+                        attach_cost(&mut row, cost, run.bytes as f64 / MIB, "MiB");
                         rows.push(row);
                     }
                 }
@@ -548,10 +587,13 @@ impl Runner {
         };
         match t {
             Target::Spawned(Spawned::Direct) => Err(Skip::NotApplicable("no tunnel: no agents".into())),
+            Target::Spawned(Spawned::StraitSame | Spawned::StraitCross) => {
+                Err(Skip::NotApplicable("measured on `strait`".into()))
+            }
             Target::Spawned(Spawned::Rathole) => self.rathole_agents(s, n, dir).await,
             Target::Spawned(Spawned::Strait) => {
                 let data_dir = dir.join("data");
-                let gw = Gateway::start(self.bins()?, &data_dir, dir, "gateway", 1024).await?;
+                let gw = Gateway::start(self.bins()?, Backing::Embedded(&data_dir), dir, "gateway", 1024).await?;
                 let env = AgentEnv {
                     gateway_bin: Some(self.bins()?.gateway.clone()),
                     ws: gw.ws_url.clone(),
@@ -775,6 +817,10 @@ pub fn merge_rounds(rows: Vec<Row>) -> Vec<Row> {
         row.ratio = crate::stats::median(&ratios);
         let p99s: Vec<f64> = ok.iter().filter_map(|r| r.p99_ratio).collect();
         row.p99_ratio = crate::stats::median(&p99s);
+        let crossings: Vec<CrossNode> = ok.iter().filter_map(|r| r.cross_node).collect();
+        if !crossings.is_empty() {
+            row.cross_node = Some(CrossNode::median(&crossings));
+        }
         let (lo, hi) = (values[0], values[values.len() - 1]);
         row.notes.insert(
             0,
@@ -870,6 +916,31 @@ async fn storm(
     Ok(vec![row])
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Runs `load`, reading a cluster target's costs around it when there is a probe.
+async fn costed<F: std::future::Future>(
+    probe: Option<&CostProbe>,
+    load: F,
+) -> (F::Output, Option<Result<Cost, Error>>) {
+    match probe {
+        Some(p) => {
+            let (out, cost) = p.around(load).await;
+            (out, Some(cost))
+        }
+        None => (load.await, None),
+    }
+}
+
+/// Puts a measurement's cost on its row, with the work done (requests, MiB) to divide it by.
+fn attach_cost(row: &mut Row, cost: Option<Result<Cost, Error>>, work: f64, unit: &'static str) {
+    match cost {
+        Some(Ok(c)) => row.cost = Some(c.with_work(work, unit)),
+        Some(Err(e)) => row.notes.push(format!("cost not read: {e}")),
+        None => {}
+    }
+}
+
 fn http_row(scenario: &str, case: &str, target: &str, run: &HttpRun, unit: &str, value: f64) -> Row {
     if run.requests == 0 {
         return Row::without(
@@ -924,7 +995,7 @@ fn summary_line(r: &Row) -> String {
                 })
                 .unwrap_or_default();
             format!(
-                "{:<14} {:<20} {:<8} {} {}{lat}",
+                "{:<14} {:<20} {:<12} {} {}{lat}",
                 r.scenario,
                 r.case,
                 r.target,
@@ -933,7 +1004,7 @@ fn summary_line(r: &Row) -> String {
             )
         }
         (status, _) => format!(
-            "{:<14} {:<20} {:<8} {:?}: {}",
+            "{:<14} {:<20} {:<12} {:?}: {}",
             r.scenario,
             r.case,
             r.target,

@@ -15,6 +15,7 @@ use strait_gateway::store::{now_ms, AgentRecord, SqliteStore, Store};
 use strait_schema::{AgentName, AgentToken, Secret};
 use tokio::time::Instant;
 
+use crate::cluster::ClusterRun;
 use crate::load::{connect_http, HttpTarget};
 use crate::Error;
 
@@ -289,6 +290,26 @@ where
     Err(Error::Timeout(format!("{what} (after {}s)", deadline.as_secs_f64())))
 }
 
+/// Where a gateway's durable state lives, as its admin subcommands (`agent add`, `route add`) are
+/// told: the embedded store of a single node, or the Postgres database of a cluster.
+#[derive(Debug, Clone)]
+pub enum StoreAt {
+    /// The embedded store in this directory.
+    Dir(PathBuf),
+    /// A cluster's Postgres database (URL).
+    Database(String),
+}
+
+impl StoreAt {
+    /// The `StoreArgs` flags that select it.
+    fn args(&self) -> [std::ffi::OsString; 2] {
+        match self {
+            StoreAt::Dir(d) => ["--data-dir".into(), d.into()],
+            StoreAt::Database(url) => ["--database-url".into(), url.into()],
+        }
+    }
+}
+
 /// Creates agents `names` in the embedded store in `data_dir` (before or while a gateway runs on
 /// it) and returns their tokens.
 ///
@@ -304,11 +325,12 @@ pub async fn create_agents(
 ) -> Result<Vec<AgentToken>, Error> {
     let mut tokens = Vec::with_capacity(names.len());
     let mut rest = names;
+    let store_at = StoreAt::Dir(data_dir.to_path_buf());
     if let Some(bin) = gateway {
         let Some((first, others)) = names.split_first() else {
             return Ok(tokens);
         };
-        tokens.push(agent_add_cli(bin, data_dir, first).await?);
+        tokens.push(add_agent(bin, &store_at, first).await?);
         rest = others;
     }
     if rest.is_empty() {
@@ -322,7 +344,7 @@ pub async fn create_agents(
             };
             tracing::warn!(error = %e, "store schema differs from this tool's; creating agents one command at a time");
             for name in rest {
-                tokens.push(agent_add_cli(bin, data_dir, name).await?);
+                tokens.push(add_agent(bin, &store_at, name).await?);
             }
             return Ok(tokens);
         }
@@ -348,11 +370,12 @@ pub async fn create_agents(
     Ok(tokens)
 }
 
-/// `strait-gateway agent add NAME --token-only --data-dir DIR`, parsed.
-async fn agent_add_cli(bin: &Path, data_dir: &Path, name: &str) -> Result<AgentToken, Error> {
+/// `strait-gateway agent add NAME --token-only` on `store`, parsed: the binary that serves the
+/// store writes its schema (and, on a fresh cluster database, runs its migrations).
+pub async fn add_agent(bin: &Path, store: &StoreAt, name: &str) -> Result<AgentToken, Error> {
     let out = tokio::process::Command::new(bin)
-        .args(["agent", "add", name, "--token-only", "--data-dir"])
-        .arg(data_dir)
+        .args(["agent", "add", name, "--token-only"])
+        .args(store.args())
         .env("RUST_LOG", "warn")
         .output()
         .await
@@ -368,27 +391,32 @@ async fn agent_add_cli(bin: &Path, data_dir: &Path, name: &str) -> Result<AgentT
 }
 
 /// Adds a TCP route `listen -> agent/service` with `strait-gateway route add`, so the route is
-/// written by the binary that serves it. `Ok(Err(why))` when this gateway has no TCP routes.
+/// written by the binary that serves it; `node` pins it to one cluster node (else every node
+/// listens). `Ok(Err(why))` when this gateway has no TCP routes.
 pub async fn add_route(
     bin: &Path,
-    data_dir: &Path,
+    store: &StoreAt,
     listen: SocketAddr,
     agent: &AgentName,
     service: &str,
+    node: Option<&str>,
 ) -> Result<Result<(), String>, Error> {
-    let out = tokio::process::Command::new(bin)
-        .args([
-            "route",
-            "add",
-            "--tcp",
-            &listen.to_string(),
-            "--agent",
-            agent.as_str(),
-            "--service",
-            service,
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args([
+        "route",
+        "add",
+        "--tcp",
+        &listen.to_string(),
+        "--agent",
+        agent.as_str(),
+        "--service",
+        service,
+    ])
+    .args(store.args());
+    if let Some(node) = node {
+        cmd.args(["--node", node]);
+    }
+    let out = cmd
         .env("RUST_LOG", "warn")
         .output()
         .await
@@ -404,6 +432,20 @@ pub async fn add_route(
     }
 }
 
+/// What a spawned gateway runs on.
+#[derive(Debug, Clone, Copy)]
+pub enum Backing<'a> {
+    /// A single node on the embedded store in this directory (agents and routes already there).
+    Embedded(&'a Path),
+    /// Node `node_id` of the cluster `run` (its Redis prefix, streams and database).
+    Cluster {
+        /// The node's id (its dispatch stream, the `--node` of pinned routes).
+        node_id: &'a str,
+        /// The run's cluster.
+        run: &'a ClusterRun,
+    },
+}
+
 /// A running `strait-gateway serve` on free loopback ports.
 pub struct Gateway {
     /// The process.
@@ -414,16 +456,13 @@ pub struct Gateway {
     pub http: SocketAddr,
     /// Ops (`/metrics`).
     pub ops: SocketAddr,
-    /// Its data directory.
-    pub data_dir: PathBuf,
 }
 
 impl Gateway {
-    /// Starts a gateway on `data_dir` (agents and routes already stored there) and waits until
-    /// `/readyz` answers 200.
+    /// Starts a gateway on `backing` and waits until `/readyz` answers 200.
     pub async fn start(
         bins: &Bins,
-        data_dir: &Path,
+        backing: Backing<'_>,
         log_dir: &Path,
         name: &str,
         max_streams: u32,
@@ -439,11 +478,19 @@ impl Gateway {
             .arg(ops.to_string())
             .arg("--api-listen")
             .arg(api.to_string())
-            .arg("--data-dir")
-            .arg(data_dir)
             .arg("--max-streams")
             .arg(max_streams.to_string())
             .env("RUST_LOG", "warn");
+        match backing {
+            Backing::Embedded(data_dir) => {
+                cmd.arg("--data-dir").arg(data_dir);
+            }
+            Backing::Cluster { node_id, run } => {
+                cmd.args(["--node-id", node_id, "--cluster", &run.name])
+                    .args(["--redis-url", &run.services.redis, "--amqp-url", &run.services.amqp])
+                    .args(["--database-url", &run.db_url]);
+            }
+        }
         let mut proc = Proc::spawn(name, cmd, log_dir, None)?;
         let ready = eventually(Duration::from_secs(30), "gateway /readyz", || async {
             matches!(http_get(ops, "/readyz").await, Ok((200, _)))
@@ -457,7 +504,6 @@ impl Gateway {
             ws_url: format!("ws://{agent}/v1/connect"),
             http,
             ops,
-            data_dir: data_dir.to_path_buf(),
         })
     }
 
@@ -518,10 +564,17 @@ impl StraitStack {
             .next()
             .ok_or_else(|| Error::Spawn("no token".into()))?;
         let route = free_addr()?;
-        let tcp = add_route(&bins.gateway, &data_dir, route, &token.agent, "bulk")
-            .await?
-            .map(|()| route);
-        let gateway = Gateway::start(bins, &data_dir, dir, "gateway", max_streams).await?;
+        let tcp = add_route(
+            &bins.gateway,
+            &StoreAt::Dir(data_dir.clone()),
+            route,
+            &token.agent,
+            "bulk",
+            None,
+        )
+        .await?
+        .map(|()| route);
+        let gateway = Gateway::start(bins, Backing::Embedded(&data_dir), dir, "gateway", max_streams).await?;
         let mut agent = start_agent(
             bins,
             &gateway,

@@ -18,6 +18,10 @@ pub enum Spawned {
     Strait,
     /// Backend behind a rathole server and client (the reference open tunnel).
     Rathole,
+    /// A two-node cluster, load sent to the node holding the agent: the bus is skipped.
+    StraitSame,
+    /// The same cluster, load sent to the other node: every frame crosses the bus.
+    StraitCross,
 }
 
 impl Spawned {
@@ -27,19 +31,33 @@ impl Spawned {
             Spawned::Direct => "direct",
             Spawned::Strait => "strait",
             Spawned::Rathole => "rathole",
+            Spawned::StraitSame => "strait-same",
+            Spawned::StraitCross => "strait-cross",
         }
     }
 
-    /// Parses `direct`, `strait` or `rathole`.
+    /// Every spawned target.
+    pub const ALL: [Spawned; 5] = [
+        Spawned::Direct,
+        Spawned::Strait,
+        Spawned::Rathole,
+        Spawned::StraitSame,
+        Spawned::StraitCross,
+    ];
+
+    /// Parses a name from [`Spawned::ALL`].
     pub fn parse(s: &str) -> Result<Self, Error> {
-        match s.trim() {
-            "direct" => Ok(Spawned::Direct),
-            "strait" => Ok(Spawned::Strait),
-            "rathole" => Ok(Spawned::Rathole),
-            other => Err(Error::Config(format!(
-                "unknown target {other:?}: use direct, strait or rathole (or --target NAME:key=value,.. for your own)"
-            ))),
-        }
+        Spawned::ALL.into_iter().find(|t| t.name() == s.trim()).ok_or_else(|| {
+            Error::Config(format!(
+                "unknown target {s:?}: use {} (or --target NAME:key=value,.. for your own)",
+                Spawned::ALL.map(Spawned::name).join(", ")
+            ))
+        })
+    }
+
+    /// Whether it is a cluster target (needs Redis, RabbitMQ and Postgres).
+    pub fn is_cluster(self) -> bool {
+        matches!(self, Spawned::StraitSame | Spawned::StraitCross)
     }
 }
 
@@ -177,7 +195,7 @@ mod tests {
 
     #[test]
     fn spawned_names_round_trip() {
-        for s in [Spawned::Direct, Spawned::Strait, Spawned::Rathole] {
+        for s in Spawned::ALL {
             assert_eq!(Spawned::parse(s.name()).unwrap(), s);
         }
         assert!(Spawned::parse("nginx").is_err());

@@ -37,6 +37,7 @@ async fn direct_only_quick_run_produces_every_traffic_figure() {
         workdir: work.path().to_path_buf(),
         progress: Progress::new(0, false),
         baseline: "direct".into(),
+        services: Default::default(),
     };
     let direct = External::parse(&format!("direct:http={http},tcp={tcp}")).unwrap();
     let scenarios = [
