@@ -89,12 +89,16 @@ struct RequestHead {
   method @2 :Text;
   uri @3 :Text;
   headers @4 :List(Header);
+  end @5 :Bool;            # no body follows: the head is also the caller's Fin
 }
 
 struct ResponseHead {
   stream @0 :UInt64;
   status @1 :UInt16;
   headers @2 :List(Header);
+  end @3 :Bool;            # the response is complete: no Data or Fin follows
+  body @4 :Data;           # with `end` only: the whole body (counts against the stream window).
+                           # Agents send `end` only to nodes whose Welcome lists "inline-end".
 }
 
 struct StreamOpen {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use strait_schema::{encode, Credit, ErrorCode, Frame, Reset, StreamId};
+use strait_schema::{encode, Credit, ErrorCode, Frame, Reset, ResponseHead, StreamId};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -237,9 +237,35 @@ pub(crate) struct StreamSender {
     pub(crate) out: Outbound,
     pub(crate) credit: SendCredit,
     pub(crate) max_data_bytes: usize,
+    /// The node accepts a whole small response in its head frame.
+    pub(crate) inline_end: bool,
 }
 
 impl StreamSender {
+    /// Sends a complete response, body included, as one `ResponseHead` with `end` (the node
+    /// listed [`strait_schema::CAP_INLINE_END`]); the body still counts against the window.
+    pub(crate) async fn whole_response(&self, mut head: ResponseHead, body: Bytes) -> Result<(), SendError> {
+        // One frame: a body past `max_data_bytes` would be refused by the node's decoder.
+        if body.len() > self.max_data_bytes {
+            return Err(SendError::TooLarge);
+        }
+        let mut taken = 0;
+        while taken < body.len() {
+            let n = self.credit.take(body.len() - taken).await;
+            if n == 0 {
+                return Err(SendError::Gone);
+            }
+            taken += n;
+        }
+        head.end = true;
+        head.body = body;
+        let sent = self.out.send(&Frame::ResponseHead(head)).await;
+        if sent.is_err() {
+            self.credit.give_back(taken);
+        }
+        sent
+    }
+
     /// Sends `bytes` as `Data` frames no larger than `max_data_bytes`, each waiting for credit.
     pub(crate) async fn data(&self, mut bytes: Bytes) -> Result<(), SendError> {
         while !bytes.is_empty() {

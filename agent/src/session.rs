@@ -11,7 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::header::{HeaderValue, USER_AGENT};
 use strait_schema::{
     credentials, decode, decode_bytes, encode, DecodeError, ErrorCode, Frame, Hello, Limits, Ping, Pong, RequestHead,
-    ServiceKind, StreamId, StreamOpen, Welcome, PROTOCOL_VERSION,
+    ServiceKind, StreamId, StreamOpen, Welcome, CAP_INLINE_END, PROTOCOL_VERSION,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -152,7 +152,7 @@ fn hello(cfg: &AgentConfig) -> Hello {
         nonce: rand::random(),
         signature: [0; 32],
         version: PROTOCOL_VERSION,
-        capabilities: Vec::new(),
+        capabilities: vec![CAP_INLINE_END.to_owned()],
         services: cfg.services.iter().map(|s| s.decl()).collect(),
     };
     hello.signature = credentials::sign(&cfg.token.secret, &hello);
@@ -177,6 +177,8 @@ struct ConnLimits {
     send_credit_cap: usize,
     max_streams: usize,
     heartbeat: Duration,
+    /// The node takes a small response as one frame (`Welcome` lists [`CAP_INLINE_END`]).
+    inline_end: bool,
 }
 
 impl ConnLimits {
@@ -200,6 +202,7 @@ impl ConnLimits {
                 w.limits.max_streams as usize
             },
             heartbeat: Duration::from_millis(u64::from(w.heartbeat_ms).clamp(100, 600_000)),
+            inline_end: w.capabilities.iter().any(|c| c == CAP_INLINE_END),
         }
     }
 }
@@ -447,7 +450,16 @@ impl Session {
                 }));
             }
             Frame::Pong(_) => {}
-            Frame::RequestHead(head) => self.open_http(head),
+            Frame::RequestHead(head) => {
+                let (id, end) = (head.stream, head.end);
+                self.open_http(head);
+                if end {
+                    // The head was also the gateway's `Fin`.
+                    if let Some(tx) = self.streams.get_mut(&id).and_then(|e| e.inbound.take()) {
+                        let _ = tx.send(Inbound::Fin);
+                    }
+                }
+            }
             Frame::StreamOpen(open) => self.open_tcp(open),
             Frame::Data(d) => {
                 let Some(entry) = self.streams.get(&d.stream) else {
@@ -573,6 +585,7 @@ impl Session {
                 out: self.out.clone(),
                 credit: credit.clone(),
                 max_data_bytes: self.limits.max_data_bytes,
+                inline_end: self.limits.inline_end,
             },
             recv_credit: RecvCredit::new(id, budget.clone(), window, self.out.clone()),
             inbound: in_rx,

@@ -21,7 +21,7 @@ use strait_schema::credentials;
 use strait_schema::{
     decode, encode, AgentName, AgentToken, Credit, Data, ErrorCode, Fin, Frame, GoAway, Header, Limits, Pong,
     RefuseCode, Refused, RequestHead, Secret, ServiceDecl, ServiceKind, StreamId, StreamOpen, Welcome, WireLimits,
-    PROTOCOL_VERSION,
+    CAP_INLINE_END, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -305,6 +305,7 @@ async fn streams_round_trip_under_credit() {
             method: "GET".into(),
             uri: "/big?x=1".into(),
             headers: vec![header("x-forwarded-host", "alpha.example.com"), header("accept", "*/*")],
+            end: false,
         }),
     )
     .await;
@@ -370,6 +371,7 @@ async fn streams_round_trip_under_credit() {
                 header("host", "alpha.example.com"),
                 header("content-length", &req_body.len().to_string()),
             ],
+            end: false,
         }),
     )
     .await;
@@ -434,6 +436,7 @@ async fn streams_round_trip_under_credit() {
             method: "GET".into(),
             uri: "/".into(),
             headers: vec![],
+            end: false,
         })
     };
     // An invalid head (the codec refuses the method) is skipped without hurting the link.
@@ -527,6 +530,97 @@ async fn streams_round_trip_under_credit() {
     stopping.await.unwrap();
 }
 
+/// A gateway that lists `inline-end` gets small responses as one frame, and may send a bodiless
+/// request as one frame; large responses still stream under credit.
+#[tokio::test]
+async fn small_answers_are_one_frame_when_the_gateway_takes_them() {
+    let http = http_upstream().await;
+    let (agent, listener, _token) = start(&[format!("http://{http}/base")]).await;
+    let (mut ws, _) = accept(&listener).await;
+    let Frame::Hello(hello) = next(&mut ws).await else {
+        panic!("first frame must be Hello")
+    };
+    assert!(hello.capabilities.iter().any(|c| c == CAP_INLINE_END));
+    let Frame::Welcome(mut w) = welcome() else {
+        unreachable!()
+    };
+    w.capabilities = vec![CAP_INLINE_END.into()];
+    send(&mut ws, Frame::Welcome(w)).await;
+
+    let get = |stream: u64, uri: &str| {
+        Frame::RequestHead(RequestHead {
+            stream: StreamId(stream),
+            service: "".into(),
+            method: "GET".into(),
+            uri: uri.into(),
+            headers: vec![],
+            end: true,
+        })
+    };
+    // A bodiless GET with `end` (no Fin follows) and an empty 404: one frame back, nothing after.
+    send(&mut ws, get(1, "/missing")).await;
+    match next(&mut ws).await {
+        Frame::ResponseHead(h) => {
+            assert_eq!((h.stream, h.status, h.end), (StreamId(1), 404, true));
+            assert!(h.body.is_empty());
+        }
+        other => panic!("expected one whole ResponseHead, got {other:?}"),
+    }
+    assert_eq!(next_within(&mut ws, Duration::from_millis(300)).await, None);
+
+    // A POST whose echo is small: the body rides in the head, counted against the window.
+    let s = StreamId(2);
+    send(
+        &mut ws,
+        Frame::RequestHead(RequestHead {
+            stream: s,
+            service: "".into(),
+            method: "POST".into(),
+            uri: "/echo".into(),
+            headers: vec![header("content-length", "5")],
+            end: false,
+        }),
+    )
+    .await;
+    send(
+        &mut ws,
+        Frame::Data(Data {
+            stream: s,
+            bytes: Bytes::from_static(b"hello"),
+        }),
+    )
+    .await;
+    send(&mut ws, Frame::Fin(Fin { stream: s })).await;
+    loop {
+        match next(&mut ws).await {
+            Frame::Credit(c) if c.stream == s => continue,
+            Frame::ResponseHead(h) => {
+                assert_eq!((h.stream, h.status, h.end), (s, 200, true));
+                assert_eq!(h.body, Bytes::from_static(b"hello"));
+                assert_eq!(value(&h.headers, "content-length"), vec![b"5".as_ref()]);
+                break;
+            }
+            other => panic!("expected one whole ResponseHead, got {other:?}"),
+        }
+    }
+    assert!(!matches!(
+        next_within(&mut ws, Duration::from_millis(300)).await,
+        Some(Frame::Data(_) | Frame::Fin(_))
+    ));
+
+    // 1 MiB is past the inline size: head, then Data within the window.
+    send(&mut ws, get(3, "/big")).await;
+    let Frame::ResponseHead(h) = next(&mut ws).await else {
+        panic!("expected ResponseHead")
+    };
+    assert!(!h.end && h.body.is_empty());
+    let Frame::Data(d) = next(&mut ws).await else {
+        panic!("expected Data")
+    };
+    assert_eq!(d.stream, StreamId(3));
+    agent.kill();
+}
+
 #[tokio::test]
 async fn refusal_shows_in_status_and_connected() {
     let (agent, listener, _) = start(&[]).await;
@@ -598,6 +692,7 @@ async fn reconnects_after_loss_and_on_go_away_while_old_streams_finish() {
             method: "GET".into(),
             uri: "/big".into(),
             headers: vec![],
+            end: false,
         }),
     )
     .await;
@@ -667,6 +762,7 @@ async fn shutdown_refuses_new_streams_and_drains_in_flight_ones() {
             method: "GET".into(),
             uri: "/big".into(),
             headers: vec![],
+            end: false,
         })
     };
 
@@ -944,6 +1040,7 @@ fn upgrade_request(stream: StreamId, service: &str, uri: &str, key: &str) -> Fra
             header("sec-websocket-key", key),
             header("sec-websocket-version", "13"),
         ],
+        end: false,
     })
 }
 
@@ -1041,6 +1138,7 @@ async fn websocket_upgrade_passes_through_and_plain_answers_stay_ordinary() {
             method: "GET".into(),
             uri: "/echo".into(),
             headers: vec![],
+            end: false,
         }),
     )
     .await;

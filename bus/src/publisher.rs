@@ -198,18 +198,18 @@ impl Publisher {
                 }
                 return;
             }
-            // An open batch is lingering until `linger_due`. Below a millisecond (the tokio
-            // timer's resolution) yield instead of sleeping: producers get to run and fill the
-            // batch, and the next pass seals it when it is due.
+            // An open batch lingers until `linger_due`, or until its destination's last pending
+            // batch is confirmed (`seal_due` then finds the destination idle). Every command,
+            // confirm and link event runs `seal_due` again, so under load a batch is sealed at
+            // the first wake-up past its linger; the timer (whole milliseconds) is only the
+            // backstop. Spinning on `yield_now` until a sub-millisecond deadline instead kept this
+            // task busy for most of every linger: a core's worth of CPU on a small machine.
             let linger_due = self.open.values().map(|o| o.opened + self.cfg.linger).min();
-            if linger_due.is_some_and(|due| due.saturating_duration_since(Instant::now()) < TIMER_RESOLUTION) {
-                tokio::task::yield_now().await;
-                continue;
-            }
+            let wake = linger_due.map(|due| due.max(Instant::now() + TIMER_RESOLUTION));
             let accept = self.can_accept() && self.closing.is_none();
             let Some(link) = self.link.as_mut() else { continue };
             tokio::select! {
-                _ = tokio::time::sleep_until(linger_due.unwrap_or_else(Instant::now).into()), if linger_due.is_some() => {}
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {}
                 cmd = self.rx.recv(), if accept => match cmd {
                     Some(cmd) => self.on_command(cmd),
                     None => self.closing = Some(None),

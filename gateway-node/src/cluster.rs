@@ -13,7 +13,9 @@ use strait_schema::{AgentName, BusEnvelope, ErrorCode, Frame, Reset, StreamId};
 use tokio::sync::mpsc;
 
 use crate::node::{NodeState, SessionRef};
-use crate::session::{AgentLink, BodyEvent, FromCaller, OpenStream, StreamCloser, StreamEvent, StreamGrant};
+use crate::session::{
+    to_local_caller, AgentLink, BodyEvent, FromCaller, OpenStream, StreamCloser, StreamEvent, StreamGrant,
+};
 use crate::telemetry;
 
 /// Hands envelopes to the bus in order, without making senders wait: one pump task per node.
@@ -125,32 +127,22 @@ impl RemoteStreams {
     fn deliver(&self, node: &NodeState, frame: Frame) {
         let Some(id) = frame.stream() else { return };
         let mut m = self.map.lock();
-        let Some(e) = m.get(&id) else { return };
-        match frame {
-            Frame::ResponseHead(h) => {
-                let _ = e.ctl.try_send(StreamEvent::Head(h));
+        if matches!(frame, Frame::Reset(_)) {
+            if let Some(e) = m.remove(&id) {
+                to_local_caller(&e.ctl, &e.body, frame);
             }
-            Frame::Data(d) => {
-                node.metrics
-                    .bytes
-                    .with_label_values(&["out"])
-                    .inc_by(d.bytes.len() as u64);
-                let _ = e.body.send(BodyEvent::Data(d.bytes));
-            }
-            Frame::Fin(_) => {
-                let _ = e.body.send(BodyEvent::Fin);
-            }
-            Frame::Credit(c) => {
-                let _ = e.ctl.try_send(StreamEvent::Credit(c.bytes));
-            }
-            Frame::Reset(r) => {
-                if let Some(e) = m.remove(&id) {
-                    let _ = e.body.send(BodyEvent::Reset(r.code, r.reason.clone()));
-                    let _ = e.ctl.try_send(StreamEvent::Reset(r.code, r.reason));
-                }
-            }
-            _ => {}
+            return;
         }
+        let Some(e) = m.get(&id) else { return };
+        let body_bytes = match &frame {
+            Frame::Data(d) => d.bytes.len(),
+            Frame::ResponseHead(h) => h.body.len(),
+            _ => 0,
+        };
+        if body_bytes > 0 {
+            node.metrics.bytes.with_label_values(&["out"]).inc_by(body_bytes as u64);
+        }
+        to_local_caller(&e.ctl, &e.body, frame);
     }
 }
 

@@ -64,14 +64,10 @@ impl InFlight {
         }
     }
 
-    /// Starts pumping the request body (if any) towards the agent, within its credit.
-    /// The payload is `!Send`, so the pump runs on this worker's thread.
-    pub fn pump_body(&mut self, body: Option<actix_web::web::Payload>, max_data: usize) {
-        let Some(mut body) = body else {
-            // Most requests have no body: the Fin goes out now, without a task.
-            self.link.send(&Frame::Fin(Fin { stream: self.id }));
-            return;
-        };
+    /// Starts pumping the request body towards the agent, within its credit. (A request without
+    /// a body has none to pump: its head carried `end`.) The payload is `!Send`, so the pump runs
+    /// on this worker's thread.
+    pub fn pump_body(&mut self, mut body: actix_web::web::Payload, max_data: usize) {
         let (link, id, credit, node) = (self.link.clone(), self.id, self.send_credit.clone(), self.node.clone());
         self.pump = Some(actix_rt::spawn(async move {
             while let Some(chunk) = body.next().await {
@@ -160,7 +156,13 @@ impl Handler<StreamEvent> for InFlight {
                     ctx.stop();
                     return;
                 }
+                let whole = h.end;
                 self.answer(Ok(h));
+                if whole {
+                    // The head carried the whole response: the stream is complete.
+                    self.finished = true;
+                    ctx.stop();
+                }
             }
             StreamEvent::Credit(n) => {
                 // Bound the permits so a misbehaving agent cannot overflow the semaphore.

@@ -148,9 +148,11 @@ async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeStat
         .iter()
         .any(|h| h.name == "content-length" || h.name == "transfer-encoding" || h.name == "upgrade");
     let id = StreamId::random();
+    // A request without a body is one frame: the head says no `Fin` follows.
     let head = RequestHead {
         stream: id,
         service,
+        end: !has_body,
         ..head
     };
 
@@ -180,7 +182,9 @@ async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeStat
     if !grant.link.send(&Frame::RequestHead(head)) {
         return error_response(ErrorCode::AgentUnavailable, &format!("agent {agent} disconnected"));
     }
-    inflight.pump_body(has_body.then_some(payload), grant.limits.max_data_bytes as usize);
+    if has_body {
+        inflight.pump_body(payload, grant.limits.max_data_bytes as usize);
+    }
     open_guard.0 = None;
     ctx.run(inflight);
 
@@ -192,7 +196,8 @@ async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeStat
         Ok(Err((code, why))) => return error_response(code, &why),
         Err(_) => return error_response(ErrorCode::Internal, "stream ended without an answer"),
     };
-    response(&req, head, TunnelBody::new(body_rx, &grant, id, addr))
+    let body = (!head.end).then(|| TunnelBody::new(body_rx, &grant, id, addr));
+    response(&req, head, body)
 }
 
 /// Builds the head sent to the agent: hop-by-hop headers removed, `X-Forwarded-*` added. Body
@@ -282,11 +287,13 @@ fn request_head(req: &HttpRequest, host: &str) -> Result<RequestHead, &'static s
         method: req.method().as_str().to_owned(),
         uri: uri.to_owned(),
         headers,
+        end: false,
     })
 }
 
-/// Turns the agent's head and the body stream into the caller's response.
-fn response(req: &HttpRequest, head: strait_schema::ResponseHead, body: TunnelBody) -> HttpResponse {
+/// Turns the agent's head and the body stream into the caller's response; `body` is `None` when
+/// the head carried the whole response (`end`).
+fn response(req: &HttpRequest, mut head: strait_schema::ResponseHead, body: Option<TunnelBody>) -> HttpResponse {
     let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut res = HttpResponse::build(status);
     let mut length: Option<u64> = None;
@@ -321,18 +328,23 @@ fn response(req: &HttpRequest, head: strait_schema::ResponseHead, body: TunnelBo
         }
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        // The upgraded connection's bytes, raw: actix writes a 101's body unframed.
-        return res.body(BodyStream::new(body));
+        // The upgraded connection's bytes, raw: actix writes a 101's body unframed. (With `end`
+        // the agent closed the upgraded stream at once.)
+        return match body {
+            Some(body) => res.body(BodyStream::new(body)),
+            None => res.body(()),
+        };
     }
     let bodyless = req.method() == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     if bodyless {
-        // The agent follows the head with Fin at once; wait for it so the stream ends as complete
-        // (not as a caller that went away).
-        let mut body = body;
-        actix_rt::spawn(async move { while futures_util::StreamExt::next(&mut body).await.is_some() {} });
+        // Without `end` the agent follows the head with Fin at once; wait for it so the stream
+        // ends as complete (not as a caller that went away).
+        if let Some(mut body) = body {
+            actix_rt::spawn(async move { while futures_util::StreamExt::next(&mut body).await.is_some() {} });
+        }
         return match length {
             // An (empty) body stream with `no_chunking` is how actix keeps a HEAD answer's length.
             Some(len) if req.method() == Method::HEAD => {
@@ -343,6 +355,10 @@ fn response(req: &HttpRequest, head: strait_schema::ResponseHead, body: TunnelBo
             _ => res.body(()),
         };
     }
+    let Some(body) = body else {
+        // The whole body came with the head; actix frames it with its length.
+        return res.body(std::mem::take(&mut head.body));
+    };
     match length {
         Some(len) => res.body(SizedStream::new(len, body)),
         // Not `streaming()`: it would invent a content-type the origin did not send.

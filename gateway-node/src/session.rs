@@ -14,7 +14,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use strait_schema::{
     credentials, decode_bytes, encode, AgentName, ErrorCode, Frame, Hello, Limits, Pong, RefuseCode, Refused,
-    RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, PROTOCOL_VERSION,
+    RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, CAP_INLINE_END, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 
@@ -136,6 +136,30 @@ pub enum BodyEvent {
     Reset(ErrorCode, String),
 }
 
+/// Hands a frame from the agent to a caller on this node, whichever node the agent is on: the
+/// head, credit and resets to its control mailbox, the body to its body channel. False if the
+/// control mailbox is gone or full (the stream should be reset).
+pub fn to_local_caller(ctl: &Recipient<StreamEvent>, body: &mpsc::UnboundedSender<BodyEvent>, frame: Frame) -> bool {
+    match frame {
+        Frame::ResponseHead(h) => ctl.try_send(StreamEvent::Head(h)).is_ok(),
+        Frame::Data(d) => {
+            let _ = body.send(BodyEvent::Data(d.bytes));
+            true
+        }
+        Frame::Fin(_) => {
+            let _ = body.send(BodyEvent::Fin);
+            true
+        }
+        Frame::Credit(c) => ctl.try_send(StreamEvent::Credit(c.bytes)).is_ok(),
+        Frame::Reset(r) => {
+            let _ = body.send(BodyEvent::Reset(r.code, r.reason.clone()));
+            let _ = ctl.try_send(StreamEvent::Reset(r.code, r.reason));
+            true
+        }
+        _ => true,
+    }
+}
+
 /// What an opened stream gets: the way to the agent, the limits, and the shared counter of
 /// credit granted to the agent (incremented by whoever consumes the body, before it sends the
 /// `Credit` frame, so the session never sees data beyond what was granted).
@@ -213,30 +237,16 @@ impl StreamEntry {
     /// control mailbox is gone or full (the stream should be reset).
     fn forward_to_caller(&mut self, node: &NodeState, agent: &AgentName, epoch: u64, frame: Frame) -> bool {
         match &mut self.caller {
-            Caller::Local { ctl, body } => match frame {
-                Frame::ResponseHead(h) => ctl.try_send(StreamEvent::Head(h)).is_ok(),
-                Frame::Data(d) => {
-                    let _ = body.send(BodyEvent::Data(d.bytes));
-                    true
-                }
-                Frame::Fin(_) => {
-                    let _ = body.send(BodyEvent::Fin);
-                    true
-                }
-                Frame::Credit(c) => ctl.try_send(StreamEvent::Credit(c.bytes)).is_ok(),
-                Frame::Reset(r) => {
-                    let _ = body.send(BodyEvent::Reset(r.code, r.reason.clone()));
-                    let _ = ctl.try_send(StreamEvent::Reset(r.code, r.reason));
-                    true
-                }
-                _ => true,
-            },
+            Caller::Local { ctl, body } => to_local_caller(ctl, body, frame),
             Caller::Remote {
                 node: to,
                 fin_from_agent,
                 ..
             } => {
-                if matches!(frame, Frame::Fin(_)) {
+                if matches!(
+                    frame,
+                    Frame::Fin(_) | Frame::ResponseHead(ResponseHead { end: true, .. })
+                ) {
                     *fin_from_agent = true;
                 }
                 node.bus_out.send(to, agent, epoch, frame)
@@ -617,7 +627,7 @@ impl AgentSession {
                 node_id: cfg.node_id.clone(),
                 heartbeat_ms: cfg.heartbeat.as_millis() as u32,
                 limits: cfg.limits,
-                capabilities: Vec::new(),
+                capabilities: vec![CAP_INLINE_END.to_owned()],
             }));
             this.instance_id = hello.instance_id.clone();
             tracing::info!(%agent, instance = %hello.instance_id, peer = ?this.peer, epoch, "agent connected");
@@ -656,7 +666,22 @@ impl AgentSession {
                     return self.reset_stream(id, ErrorCode::ProtocolError, "second response head");
                 }
                 s.head_seen = true;
+                s.received += h.body.len() as u64;
+                if s.received > s.granted.load(Ordering::Acquire) {
+                    drop(t);
+                    return self.reset_stream(id, ErrorCode::ProtocolError, "flow-control window exceeded");
+                }
+                if matches!(s.caller, Caller::Local { .. }) && !h.body.is_empty() {
+                    self.node
+                        .metrics
+                        .bytes
+                        .with_label_values(&["out"])
+                        .inc_by(h.body.len() as u64);
+                }
                 let delivered = s.forward_to_caller(&self.node, agent, epoch, Frame::ResponseHead(h));
+                if s.relay_done() {
+                    t.map.remove(&id);
+                }
                 drop(t);
                 if !delivered {
                     // The caller is already gone; tell the agent so it stops sending.
@@ -926,7 +951,7 @@ impl Handler<FromCaller> for AgentSession {
                 let head_seen = matches!(msg.frame, Frame::StreamOpen(_));
                 let caller = Caller::Remote {
                     node: msg.from_node,
-                    fin_from_caller: false,
+                    fin_from_caller: matches!(msg.frame, Frame::RequestHead(RequestHead { end: true, .. })),
                     fin_from_agent: false,
                 };
                 t.map.insert(

@@ -220,7 +220,9 @@ fn frame_words(frame: &Frame) -> usize {
                 + text_words(&r.uri)
                 + headers_words(&r.headers)
         }
-        Frame::ResponseHead(r) => size::<wire::response_head::Builder<'_>>() + headers_words(&r.headers),
+        Frame::ResponseHead(r) => {
+            size::<wire::response_head::Builder<'_>>() + headers_words(&r.headers) + data_words(&r.body)
+        }
         Frame::StreamOpen(s) => size::<wire::stream_open::Builder<'_>>() + text_words(&s.service),
         Frame::Data(d) => size::<wire::data_frame::Builder<'_>>() + data_words(&d.bytes),
         Frame::Credit(_) => size::<wire::credit::Builder<'_>>(),
@@ -299,12 +301,17 @@ fn write_frame(b: wire::frame::Builder<'_>, frame: &Frame) {
             w.set_service(r.service.as_str());
             w.set_method(r.method.as_str());
             w.set_uri(r.uri.as_str());
+            w.set_end(r.end);
             write_headers(w.init_headers(list_len(r.headers.len())), &r.headers);
         }
         Frame::ResponseHead(r) => {
             let mut w = b.init_response_head();
             w.set_stream(r.stream.0);
             w.set_status(r.status);
+            w.set_end(r.end);
+            if !r.body.is_empty() {
+                w.set_body(&r.body);
+            }
             write_headers(w.init_headers(list_len(r.headers.len())), &r.headers);
         }
         Frame::StreamOpen(s) => {
@@ -631,10 +638,24 @@ fn read_frame(r: wire::frame::Reader<'_>, limits: &Limits, payload: Payload<'_>)
             if !(100..=599).contains(&status) {
                 return Err(invalid("response_head.status", "not in 100..=599"));
             }
+            let end = x.get_end();
+            let body = if x.has_body() {
+                x.get_body().map_err(malformed("response_head.body"))?
+            } else {
+                &[]
+            };
+            if !body.is_empty() && !end {
+                return Err(invalid("response_head.body", "a body without end"));
+            }
+            if body.len() > limits.max_data_bytes {
+                return Err(invalid("response_head.body", "exceeds max_data_bytes"));
+            }
             Frame::ResponseHead(ResponseHead {
                 stream,
                 status,
                 headers: read_headers(x.get_headers(), limits)?,
+                end,
+                body: if body.is_empty() { Bytes::new() } else { payload(body) },
             })
         }
         Which::StreamOpen(x) => {
@@ -802,6 +823,7 @@ fn read_request_head(r: wire::request_head::Reader<'_>, limits: &Limits) -> Resu
         method: method.to_owned(),
         uri: uri.to_owned(),
         headers: read_headers(r.get_headers(), limits)?,
+        end: r.get_end(),
     })
 }
 

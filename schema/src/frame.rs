@@ -9,6 +9,11 @@ use crate::code::{ErrorCode, RefuseCode};
 /// Protocol version spoken by this build. A node refuses `Hello`s with another major version.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// Capability a node lists in `Welcome` when it accepts a [`ResponseHead`] that carries `end` and
+/// the whole body: a small response is then one frame instead of head, `Data` and `Fin` (and one
+/// bus envelope instead of three across nodes). An agent sends that form only to such a node.
+pub const CAP_INLINE_END: &str = "inline-end";
+
 /// Identifies one stream (HTTP exchange or byte stream) on one agent connection. Chosen at random
 /// (non-zero) by the node that opens it, so ids stay unique across a cluster without coordination;
 /// the agent session refuses a duplicate.
@@ -159,7 +164,8 @@ pub struct Header {
     pub value: Bytes,
 }
 
-/// Opens an HTTP exchange on the agent. The request body follows as `Data` frames, then `Fin`.
+/// Opens an HTTP exchange on the agent. The request body follows as `Data` frames, then `Fin`;
+/// with `end` nothing follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
     /// New stream id.
@@ -172,9 +178,14 @@ pub struct RequestHead {
     pub uri: String,
     /// Request headers (hop-by-hop ones already removed).
     pub headers: Vec<Header>,
+    /// No body follows: the head is also the caller's `Fin`. An agent that predates the flag
+    /// ignores it, which is safe because a node sets it only on requests whose headers declare
+    /// no body (and no upgrade), and such an agent never waits for that `Fin`.
+    pub end: bool,
 }
 
-/// The agent's answer head. The response body follows as `Data` frames, then `Fin`.
+/// The agent's answer head. The response body follows as `Data` frames, then `Fin`; with `end`
+/// the head carries the whole body and nothing follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseHead {
     /// Stream being answered.
@@ -183,6 +194,10 @@ pub struct ResponseHead {
     pub status: u16,
     /// Response headers (hop-by-hop ones already removed).
     pub headers: Vec<Header>,
+    /// The response is complete (see [`CAP_INLINE_END`]).
+    pub end: bool,
+    /// With `end` only: the whole body, at most `max_data_bytes`, counted against the window.
+    pub body: Bytes,
 }
 
 /// Opens a raw byte stream to a named TCP service of the agent.

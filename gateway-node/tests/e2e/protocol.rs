@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use strait_agent::{AgentConfig, AgentHandle, AgentStatus};
 use strait_schema::{
-    credentials, decode, encode, AgentName, AgentToken, Data, ErrorCode, Frame, Hello, Limits, RefuseCode, Secret,
-    StreamId, PROTOCOL_VERSION,
+    credentials, decode, encode, AgentName, AgentToken, Data, ErrorCode, Frame, Hello, Limits, RefuseCode,
+    ResponseHead, Secret, StreamId, CAP_INLINE_END, PROTOCOL_VERSION,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -210,6 +210,59 @@ async fn revoking_a_connected_agent_drops_it_and_refuses_it_after() {
     .expect("agent sees REVOKED on its next handshake")
     .unwrap();
     agent.kill();
+}
+
+/// The one-frame forms of `inline-end`: a bodiless request arrives as a head with `end` and no
+/// `Fin`; an agent's head with `end` and a body is the whole response; a body beyond the stream's
+/// window is reset like any other overrun, and the agent's other streams carry on.
+#[actix_rt::test]
+async fn whole_responses_in_one_frame_and_their_window() {
+    let node = TestNode::with(|c| {
+        // A window below max_data_bytes, so one frame can overrun it and still decode.
+        c.limits.max_data_bytes = 4096;
+        c.limits.stream_window = 1024;
+    })
+    .await;
+    let token = node.add_agent("whole").await;
+    let mut ws = dial(&node).await;
+    match handshake(&mut ws, hello(&token, strait_gateway::store::now_ms())).await {
+        Frame::Welcome(w) => assert!(w.capabilities.iter().any(|c| c == CAP_INLINE_END)),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let base = format!("http://whole.localhost:{}", node.http_addr.port());
+    let c = node.client(&["whole"]);
+
+    for (body, expect) in [(vec![b'x'; 5], 200u16), (vec![b'y'; 1025], 502)] {
+        let (c, url) = (c.clone(), format!("{base}/small"));
+        let req = tokio::spawn(async move { c.get(url).send().await.unwrap() });
+        let head = match next_frame(&mut ws).await.unwrap() {
+            Frame::RequestHead(h) => h,
+            other => panic!("expected RequestHead, got {other:?}"),
+        };
+        assert!(head.end, "a bodiless GET is one frame");
+        let whole = Frame::ResponseHead(ResponseHead {
+            stream: head.stream,
+            status: 200,
+            headers: vec![],
+            end: true,
+            body: body.clone().into(),
+        });
+        ws.send(Message::Binary(encode(&whole).into())).await.unwrap();
+        let res = req.await.unwrap();
+        assert_eq!(res.status().as_u16(), expect);
+        if expect == 200 {
+            assert_eq!(res.bytes().await.unwrap().as_ref(), &body[..]);
+        } else {
+            assert_eq!(res.headers()["x-strait-error"], "PROTOCOL_ERROR");
+            match next_frame(&mut ws).await.unwrap() {
+                Frame::Reset(r) => {
+                    assert_eq!(r.stream, head.stream);
+                    assert!(r.reason.contains("window"), "{}", r.reason);
+                }
+                other => panic!("expected Reset, got {other:?}"),
+            }
+        }
+    }
 }
 
 /// Connects a hand-driven agent that completed the handshake.

@@ -128,24 +128,35 @@ fn frame() -> impl Strategy<Value = Frame> {
         (refuse_code(), free_text()).prop_map(|(code, message)| Frame::Refused(Refused { code, message })),
         any::<u64>().prop_map(|timestamp_ms| Frame::Ping(Ping { timestamp_ms })),
         any::<u64>().prop_map(|timestamp_ms| Frame::Pong(Pong { timestamp_ms })),
-        (stream_id(), service_name(), method(), uri(), headers()).prop_map(
-            |(stream, service, method, uri, headers)| {
+        (stream_id(), service_name(), method(), uri(), headers(), any::<bool>()).prop_map(
+            |(stream, service, method, uri, headers, end)| {
                 Frame::RequestHead(RequestHead {
                     stream,
                     service,
                     method,
                     uri,
                     headers,
+                    end,
                 })
             }
         ),
-        (stream_id(), 100u16..=599, headers()).prop_map(|(stream, status, headers)| {
-            Frame::ResponseHead(ResponseHead {
-                stream,
-                status,
-                headers,
-            })
-        }),
+        // `end` with or without a body; a body only ever comes with `end`.
+        (
+            stream_id(),
+            100u16..=599,
+            headers(),
+            any::<bool>(),
+            prop_oneof![Just(Bytes::new()), payload()]
+        )
+            .prop_map(|(stream, status, headers, end, body)| {
+                Frame::ResponseHead(ResponseHead {
+                    stream,
+                    status,
+                    headers,
+                    end: end || !body.is_empty(),
+                    body,
+                })
+            }),
         (stream_id(), short_id()).prop_map(|(stream, service)| Frame::StreamOpen(StreamOpen { stream, service })),
         (stream_id(), payload()).prop_map(|(stream, bytes)| Frame::Data(Data { stream, bytes })),
         (stream_id(), 1..=u32::MAX).prop_map(|(stream, bytes)| Frame::Credit(Credit { stream, bytes })),
@@ -277,6 +288,7 @@ fn good_request() -> RequestHead {
             name: "accept".into(),
             value: Bytes::from_static(b"text/html"),
         }],
+        end: true,
     }
 }
 
@@ -288,6 +300,8 @@ fn good_response() -> ResponseHead {
             name: "content-type".into(),
             value: Bytes::from_static(b"text/plain"),
         }],
+        end: false,
+        body: Bytes::new(),
     }
 }
 
@@ -697,6 +711,42 @@ fn decode_refuses_oversized_data() {
         }),
         "data.bytes",
     );
+}
+
+#[test]
+fn decode_refuses_a_response_body_without_end() {
+    assert_refused(
+        Frame::ResponseHead(ResponseHead {
+            end: false,
+            body: Bytes::from_static(b"partial"),
+            ..good_response()
+        }),
+        "response_head.body",
+    );
+}
+
+#[test]
+fn decode_refuses_an_oversized_response_body() {
+    assert_refused(
+        Frame::ResponseHead(ResponseHead {
+            end: true,
+            body: Bytes::from(vec![0; limits().max_data_bytes + 1]),
+            ..good_response()
+        }),
+        "response_head.body",
+    );
+}
+
+#[test]
+fn whole_response_and_bodiless_request_round_trip() {
+    let whole = Frame::ResponseHead(ResponseHead {
+        end: true,
+        body: Bytes::from_static(b"hello"),
+        ..good_response()
+    });
+    assert_eq!(decode(&encode(&whole), &limits()).unwrap(), whole);
+    let req = Frame::RequestHead(good_request());
+    assert!(matches!(decode(&encode(&req), &limits()).unwrap(), Frame::RequestHead(r) if r.end));
 }
 
 #[test]
