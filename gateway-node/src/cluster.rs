@@ -58,9 +58,10 @@ impl BusOut {
     /// A frame that opens a stream carries the current span's `traceparent`, so the agent's node
     /// joins the caller's trace; `Data`/`Credit` and the rest never format one.
     pub fn send(&self, to: &str, agent: &AgentName, epoch: u64, frame: Frame) -> bool {
-        let trace_parent = match frame {
-            Frame::RequestHead(_) | Frame::StreamOpen(_) => telemetry::current_traceparent(),
-            _ => String::new(),
+        let trace_parent = if frame.opens_stream() {
+            telemetry::current_traceparent()
+        } else {
+            String::new()
         };
         self.tx
             .send(BusEnvelope {
@@ -231,13 +232,12 @@ pub async fn bridge(node: Arc<NodeState>, mut rx: mpsc::UnboundedReceiver<BusEnv
         {
             Some(s) if s.epoch == env.epoch => {
                 // An open joins the caller node's trace; later frames of the stream stay span-free.
-                let span = match env.frame {
-                    Frame::RequestHead(_) | Frame::StreamOpen(_) => {
-                        let span = tracing::info_span!("bus.open", otel.kind = "consumer", agent = %env.agent, stream = %id, from_node = %env.from_node);
-                        telemetry::set_remote_parent(&span, &env.trace_parent);
-                        span
-                    }
-                    _ => tracing::Span::none(),
+                let span = if env.frame.opens_stream() {
+                    let span = tracing::info_span!("bus.open", otel.kind = "consumer", agent = %env.agent, stream = %id, from_node = %env.from_node);
+                    telemetry::set_remote_parent(&span, &env.trace_parent);
+                    span
+                } else {
+                    tracing::Span::none()
                 };
                 let _entered = span.enter();
                 s.addr.do_send(FromCaller {

@@ -1017,3 +1017,65 @@ impl Handler<Kick> for AgentSession {
         self.close(ctx, CloseCode::Policy, msg.reason);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Receives stream events and drops them: the table only needs somewhere to address them.
+    struct Owner;
+    impl Actor for Owner {
+        type Context = Context<Self>;
+    }
+    impl Handler<StreamEvent> for Owner {
+        type Result = ();
+        fn handle(&mut self, _: StreamEvent, _: &mut Self::Context) {}
+    }
+
+    /// Every way a caller's open can be refused, with the code a caller sees: a session that is
+    /// not (or no longer) taking streams — the race of a caller against a closing session — a
+    /// full one, and a colliding id; and a closed stream frees its slot.
+    #[actix_rt::test]
+    async fn the_stream_table_refuses_opens_with_their_codes() {
+        let owner = Owner.start();
+        let table = Arc::new(StreamTable::default());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let link = AgentLink::Local(tx);
+        let limits = WireLimits {
+            max_frame_bytes: 1 << 20,
+            max_data_bytes: 64 << 10,
+            stream_window: 256 << 10,
+            max_streams: 1,
+        };
+        let open = |id: u64| OpenStream {
+            id: StreamId(id),
+            ctl: owner.clone().recipient(),
+            body: mpsc::unbounded_channel().0,
+            expects_head: true,
+        };
+        let refusal = |r: Result<StreamGrant, (ErrorCode, String)>| r.err().expect("open should be refused");
+
+        let (code, why) = refusal(table.open(open(1), &link, limits));
+        assert_eq!(
+            (code, why.as_str()),
+            (ErrorCode::AgentUnavailable, "agent is disconnecting")
+        );
+
+        table.inner.lock().accepting = true;
+        assert!(table.open(open(1), &link, limits).is_ok());
+        let (code, why) = refusal(table.open(open(2), &link, limits));
+        assert_eq!(code, ErrorCode::TooManyStreams);
+        assert!(why.contains("1 streams open"), "{why}");
+        let wide = WireLimits {
+            max_streams: 8,
+            ..limits
+        };
+        assert_eq!(refusal(table.open(open(1), &link, wide)).0, ErrorCode::Internal);
+
+        table.close(StreamId(1));
+        assert!(table.open(open(2), &link, limits).is_ok());
+        // The session starts closing: a caller that still holds its reference is refused.
+        table.inner.lock().accepting = false;
+        assert_eq!(refusal(table.open(open(3), &link, wide)).0, ErrorCode::AgentUnavailable);
+    }
+}

@@ -313,6 +313,12 @@ impl Frame {
         }
     }
 
+    /// True for the frames that open a stream (`RequestHead`, `StreamOpen`): the ones a node
+    /// admits against its limits and the only ones that carry a trace context across nodes.
+    pub fn opens_stream(&self) -> bool {
+        matches!(self, Frame::RequestHead(_) | Frame::StreamOpen(_))
+    }
+
     /// Short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

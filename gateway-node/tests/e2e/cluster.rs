@@ -249,3 +249,80 @@ async fn draining_the_agents_node_under_load_fails_no_request() {
     );
     agent.kill();
 }
+
+/// A frame for an agent at an epoch its node no longer holds (the agent reconnected since), or for
+/// an agent the node does not hold, is dropped, counted and answered with a `Reset` naming why, so
+/// the sending node never waits; a `Reset` itself is never answered (no reset ping-pong), and the
+/// agent's own traffic is untouched.
+#[actix_rt::test]
+async fn stale_or_misdirected_bus_frames_are_answered_with_a_reset() {
+    use strait_schema::{BusEnvelope, ErrorCode, Frame, RequestHead, Reset, StreamId};
+
+    let backend = Backend::start().await;
+    let (b, nodes) = cluster(1).await;
+    let _agent = nodes[0].connect_agent("alpha", &backend.url()).await;
+    let alpha = AgentName::new("alpha").unwrap();
+    let epoch = nodes[0].state.directory.presence(&alpha).await.unwrap().unwrap().epoch;
+    // A third participant on the same bus stands in for another node's caller side.
+    let mut z = b.bus.subscribe("node-z").await.unwrap();
+    let envelope = |agent: &AgentName, epoch: u64, frame: Frame| BusEnvelope {
+        from_node: "node-z".into(),
+        to_node: "node-a".into(),
+        seq: 0,
+        trace_parent: String::new(),
+        agent: agent.clone(),
+        epoch,
+        frame,
+    };
+    let head = |stream: u64| {
+        Frame::RequestHead(RequestHead {
+            stream: StreamId(stream),
+            service: String::new(),
+            method: "GET".into(),
+            uri: "/".into(),
+            headers: vec![],
+            end: true,
+        })
+    };
+    let nobody = AgentName::new("nobody").unwrap();
+    for (agent, at, stream, why) in [
+        (&alpha, epoch + 7, 11, "stale agent epoch"),
+        (&nobody, 1, 12, "agent is not on this node"),
+    ] {
+        b.bus.publish(envelope(agent, at, head(stream))).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), z.recv())
+            .await
+            .expect("no answer to a misdirected frame")
+            .unwrap();
+        match answer.frame {
+            Frame::Reset(r) => {
+                assert_eq!(r.stream, StreamId(stream));
+                assert_eq!(r.code, ErrorCode::AgentUnavailable);
+                assert_eq!(r.reason, why);
+            }
+            other => panic!("expected Reset, got {other:?}"),
+        }
+        assert_eq!((answer.agent, answer.epoch), (agent.clone(), at));
+    }
+    let reset = Frame::Reset(Reset {
+        stream: StreamId(13),
+        code: ErrorCode::Reset,
+        reason: "caller went away".into(),
+    });
+    b.bus.publish(envelope(&alpha, epoch + 7, reset)).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), z.recv())
+            .await
+            .is_err(),
+        "a stale Reset was answered"
+    );
+    let dropped = nodes[0].state.metrics.bus.with_label_values(&["dropped_stale"]).get();
+    assert_eq!(dropped, 3);
+    let res = nodes[0]
+        .client(&["alpha"])
+        .get(nodes[0].url("alpha", "/inspect"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
