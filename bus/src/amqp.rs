@@ -332,6 +332,10 @@ impl Bus for AmqpBus {
         }
     }
 
+    fn transport_stats(&self) -> Option<BusStatsSnapshot> {
+        Some(self.stats_snapshot())
+    }
+
     /// Declares `node_id`'s stream and consumes it from the stored offset + 1 (or from "next"
     /// when none is stored). The returned channel stays the same across reconnects; it closes
     /// after [`AmqpBus::shutdown`]. Dropping it stops the consumer, which stores the offset of

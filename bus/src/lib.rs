@@ -70,6 +70,12 @@ pub trait Bus: Send + Sync + 'static {
     async fn publish(&self, envelope: BusEnvelope) -> Result<(), Error>;
     /// Starts consuming this node's dispatch channel.
     async fn subscribe(&self, node_id: &str) -> Result<mpsc::UnboundedReceiver<BusEnvelope>, Error>;
+    /// The transport's own counters (batches, confirms, re-sends, replays dropped), for a node's
+    /// `/metrics`: what the broker sees, where envelopes are only what the node asked for. `None`
+    /// for a bus without a transport (the in-process one).
+    fn transport_stats(&self) -> Option<BusStatsSnapshot> {
+        None
+    }
 }
 
 /// The single-node bus: one in-memory channel per subscribed node. Real, not a test double:

@@ -1,7 +1,12 @@
 //! Prometheus metrics of one node. Each node owns its registry (several nodes can share a test
 //! process). Labels never carry secrets, tokens or request contents.
 
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use strait_bus::{Bus, BusStatsSnapshot};
 
 /// The node's metrics, registered once at start.
 #[derive(Clone)]
@@ -82,6 +87,16 @@ impl Metrics {
         }
     }
 
+    /// Adds the bus transport's own counters (`strait_bus_transport_total`), read at scrape time.
+    /// Envelopes ÷ batches there is how well the publisher batches under the current load, which
+    /// is what the broker's CPU follows (docs/benchmarks.md).
+    pub fn watch_bus(&self, bus: Arc<dyn Bus>) {
+        let _ = self.registry.register(Box::new(BusTransport {
+            bus,
+            template: bus_transport_vec(),
+        }));
+    }
+
     /// Text exposition for `/metrics`.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -93,6 +108,54 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The bus's counters as a Prometheus collector: a snapshot becomes one counter family per scrape.
+struct BusTransport {
+    bus: Arc<dyn Bus>,
+    template: IntCounterVec,
+}
+
+fn bus_transport_vec() -> IntCounterVec {
+    counter_vec(
+        "strait_bus_transport_total",
+        "Bus transport counters (AMQP batches, confirms, re-sends, replays dropped)",
+        "event",
+    )
+}
+
+fn transport_counts(s: &BusStatsSnapshot) -> [(&'static str, u64); 12] {
+    [
+        ("envelopes_queued", s.envelopes_queued),
+        ("envelopes_rejected", s.envelopes_rejected),
+        ("envelopes_published", s.envelopes_published),
+        ("batches_published", s.batches_published),
+        ("batches_confirmed", s.batches_confirmed),
+        ("batches_republished", s.batches_republished),
+        ("envelopes_unroutable", s.envelopes_unroutable),
+        ("envelopes_delivered", s.envelopes_delivered),
+        ("duplicates_dropped", s.duplicates_dropped),
+        ("malformed_dropped", s.malformed_dropped),
+        ("reconnects", s.reconnects),
+        ("offset_store_failures", s.offset_store_failures),
+    ]
+}
+
+impl Collector for BusTransport {
+    fn desc(&self) -> Vec<&Desc> {
+        self.template.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(stats) = self.bus.transport_stats() else {
+            return Vec::new();
+        };
+        let v = bus_transport_vec();
+        for (event, n) in transport_counts(&stats) {
+            v.with_label_values(&[event]).inc_by(n);
+        }
+        v.collect()
     }
 }
 

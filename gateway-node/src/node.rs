@@ -171,13 +171,15 @@ impl NodeState {
     ) -> Arc<Self> {
         let (phase, _) = watch::channel(Phase::Starting);
         let (bus_out, bus_rx) = BusOut::new(&cfg.node_id);
+        let metrics = Metrics::new();
+        metrics.watch_bus(bus.clone());
         Arc::new(NodeState {
             cfg,
             store,
             directory,
             bus,
             sessions: LocalSessions::default(),
-            metrics: Metrics::new(),
+            metrics,
             phase,
             remote: RemoteStreams::default(),
             bus_out,

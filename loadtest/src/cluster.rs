@@ -276,6 +276,7 @@ struct Reading {
     service_ticks: Option<u64>,
     published: f64,
     received: f64,
+    batches: f64,
 }
 
 impl CostProbe {
@@ -286,6 +287,7 @@ impl CostProbe {
             service_ticks: None,
             published: 0.0,
             received: 0.0,
+            batches: 0.0,
         };
         for &(pid, ops) in &self.nodes {
             r.node_ticks += cpu_ticks(pid).ok_or_else(|| Error::Spawn(format!("node {pid} is gone")))?;
@@ -297,6 +299,8 @@ impl CostProbe {
             r.published +=
                 spawn::parse_metric(&text, r#"strait_bus_envelopes_total{event="published"}"#).unwrap_or(0.0);
             r.received += spawn::parse_metric(&text, r#"strait_bus_envelopes_total{event="received"}"#).unwrap_or(0.0);
+            r.batches +=
+                spawn::parse_metric(&text, r#"strait_bus_transport_total{event="batches_published"}"#).unwrap_or(0.0);
         }
         if !self.services.is_empty() {
             r.service_ticks = self.services.iter().map(|&p| cpu_ticks(p)).sum();
@@ -338,6 +342,8 @@ pub struct Cost {
     pub bus_published: f64,
     /// Envelopes received from the bus, both nodes.
     pub bus_received: f64,
+    /// AMQP messages (batches of envelopes) published, both nodes: what the broker's CPU follows.
+    pub bus_batches: f64,
     /// Work done in the window: requests, or MiB moved (see `work_unit`).
     pub work: f64,
     /// `request` or `MiB`.
@@ -360,6 +366,7 @@ impl Cost {
             },
             bus_published: (a.published - b.published).max(0.0),
             bus_received: (a.received - b.received).max(0.0),
+            bus_batches: (a.batches - b.batches).max(0.0),
             work: 0.0,
             work_unit: "",
         }
@@ -391,6 +398,8 @@ pub struct CrossNode {
     pub bus_frames: Option<f64>,
     /// Envelopes per unit of work (per request, per MiB).
     pub frames_per_unit: Option<f64>,
+    /// Envelopes per AMQP message: how well the publisher batched under this load.
+    pub frames_per_batch: Option<f64>,
     /// Extra node CPU per bus envelope, µs: (CPU per unit across − CPU per unit same) / envelopes
     /// per unit. Per unit, because the two runs do different amounts of work in their windows.
     pub node_cpu_us_per_frame: Option<f64>,
@@ -419,6 +428,9 @@ impl CrossNode {
             x.bus_frames = Some(c.bus_published);
             if c.work > 0.0 {
                 x.frames_per_unit = Some(c.bus_published / c.work);
+            }
+            if c.bus_batches > 0.0 {
+                x.frames_per_batch = Some(c.bus_published / c.bus_batches);
             }
         }
         if let (Some(c), Some(s)) = (cc, sc) {
@@ -450,6 +462,7 @@ impl CrossNode {
             added_p99_us: m(|x| x.added_p99_us),
             bus_frames: m(|x| x.bus_frames),
             frames_per_unit: m(|x| x.frames_per_unit),
+            frames_per_batch: m(|x| x.frames_per_batch),
             node_cpu_us_per_frame: m(|x| x.node_cpu_us_per_frame),
             services_cpu_us_per_frame: m(|x| x.services_cpu_us_per_frame),
         }
@@ -518,6 +531,7 @@ mod tests {
             services_cpu_ms: Some(node_cpu_ms / 2.0),
             bus_published: published,
             bus_received: published,
+            bus_batches: published / 4.0,
             work,
             work_unit: "request",
         }
@@ -537,6 +551,7 @@ mod tests {
         assert_eq!(x.added_p50_us, Some(1_000.0));
         assert_eq!(x.added_p99_us, Some(4_000.0));
         assert_eq!(x.frames_per_unit, Some(4.0));
+        assert_eq!(x.frames_per_batch, Some(4.0));
         let per = x.node_cpu_us_per_frame.unwrap();
         assert!((per - 12.5).abs() < 1e-9, "{per}");
         let services = x.services_cpu_us_per_frame.unwrap();

@@ -279,7 +279,7 @@ impl Report {
             "\n### Cluster: across nodes (`{cross_name}`) vs same node (`{same_name}`)\n\n\
              Two nodes of one cluster, the agent on B. `{same_name}`: load to B (the bus is skipped); \
              `{cross_name}`: load to A (every frame crosses RabbitMQ). Bus frames are envelopes published \
-             by both nodes in the window; CPU per frame is (CPU per request or MiB across − same) / \
+             by both nodes in the window (and per AMQP message: the broker's CPU follows messages); CPU per frame is (CPU per request or MiB across − same) / \
              frames per request or MiB, both nodes; RabbitMQ + Redis are this machine's servers.\n"
         );
         let _ = writeln!(
@@ -313,8 +313,9 @@ impl Report {
                 _ => String::new(),
             };
             let per_unit = c.cost.map_or("unit", |c| c.work_unit);
+            let batched = x.frames_per_batch.map_or(String::new(), |b| format!(", {b:.1}/batch"));
             let frames = match (x.bus_frames.or(c.cost.map(|c| c.bus_published)), x.frames_per_unit) {
-                (Some(n), Some(p)) => format!("{} ({p:.2}/{per_unit})", human(n)),
+                (Some(n), Some(p)) => format!("{} ({p:.2}/{per_unit}{batched})", human(n)),
                 (Some(n), None) => human(n),
                 _ => String::new(),
             };
@@ -574,6 +575,7 @@ mod tests {
             services_cpu_ms: None,
             bus_published: published,
             bus_received: published,
+            bus_batches: published / 4.0,
             work,
             work_unit: "request",
         }

@@ -89,6 +89,16 @@ async fn any_node_serves_an_agent_on_another_http_and_tcp() {
         }
         let after = metric_value(&c.metrics(1).await, "strait_bus_envelopes_total{event=\"published\"}");
         assert_eq!(before, after, "same-node requests went over the bus");
+        // The transport's own counters: what went to the broker, and how well it was batched.
+        let m = c.metrics(0).await;
+        let transport = |event: &str| metric_value(&m, &format!("strait_bus_transport_total{{event=\"{event}\"}}"));
+        let (batches, envelopes) = (transport("batches_published"), transport("envelopes_published"));
+        assert!(
+            batches > 0 && envelopes >= batches,
+            "{batches} batches, {envelopes} envelopes"
+        );
+        assert!(transport("batches_confirmed") > 0 && transport("envelopes_delivered") > 0);
+        assert_eq!(transport("envelopes_rejected"), 0);
         agent.kill();
         c
     })
