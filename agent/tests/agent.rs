@@ -99,6 +99,11 @@ async fn http_upstream() -> SocketAddr {
                             .header("x-seen-host", host)
                             .body(Full::new(Bytes::from(seeded(1 << 20, 1))))
                             .unwrap()
+                    } else if target == "/base/hugehead" {
+                        Response::builder()
+                            .header("x-big", "h".repeat(8 << 10))
+                            .body(Full::new(Bytes::from_static(b"ok")))
+                            .unwrap()
                     } else if target == "/base/echo" {
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         Response::builder()
@@ -619,6 +624,51 @@ async fn small_answers_are_one_frame_when_the_gateway_takes_them() {
     };
     assert_eq!(d.stream, StreamId(3));
     agent.kill();
+}
+
+/// A response head that cannot fit the connection's `max_frame_bytes` resets its stream with a
+/// reason, whether it would go as one whole frame (`inline-end`) or as a head followed by `Data`,
+/// and the connection carries on.
+#[tokio::test]
+async fn a_response_head_past_the_frame_limit_resets_only_its_stream() {
+    let http = http_upstream().await;
+    for inline in [true, false] {
+        let (agent, listener, _token) = start(&[format!("http://{http}/base")]).await;
+        let (mut ws, _) = accept(&listener).await;
+        assert!(matches!(next(&mut ws).await, Frame::Hello(_)));
+        let Frame::Welcome(mut w) = welcome() else {
+            unreachable!()
+        };
+        w.limits.max_frame_bytes = 4 << 10;
+        w.limits.max_data_bytes = 1 << 10;
+        w.capabilities = if inline { vec![CAP_INLINE_END.into()] } else { vec![] };
+        send(&mut ws, Frame::Welcome(w)).await;
+        for (stream, uri) in [(1, "/hugehead"), (2, "/missing")] {
+            send(
+                &mut ws,
+                Frame::RequestHead(RequestHead {
+                    stream: StreamId(stream),
+                    service: "".into(),
+                    method: "GET".into(),
+                    uri: uri.into(),
+                    headers: vec![],
+                    end: true,
+                }),
+            )
+            .await;
+            if stream == 1 {
+                let (code, reason) = expect_reset(&mut ws, StreamId(1)).await;
+                assert_eq!(code, ErrorCode::Internal, "inline: {inline}");
+                assert!(reason.contains("too large"), "{reason}");
+            } else {
+                match next(&mut ws).await {
+                    Frame::ResponseHead(h) => assert_eq!((h.stream, h.status, h.end), (StreamId(2), 404, inline)),
+                    other => panic!("expected ResponseHead, got {other:?}"),
+                }
+            }
+        }
+        agent.kill();
+    }
 }
 
 #[tokio::test]

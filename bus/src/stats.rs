@@ -73,6 +73,27 @@ impl BusStats {
     }
 }
 
+impl BusStatsSnapshot {
+    /// Every counter with a stable snake-case name (a metric label), so whoever exports them
+    /// gets a counter added here without touching its own code.
+    pub fn named(&self) -> [(&'static str, u64); 12] {
+        [
+            ("envelopes_queued", self.envelopes_queued),
+            ("envelopes_rejected", self.envelopes_rejected),
+            ("envelopes_published", self.envelopes_published),
+            ("batches_published", self.batches_published),
+            ("batches_confirmed", self.batches_confirmed),
+            ("batches_republished", self.batches_republished),
+            ("envelopes_unroutable", self.envelopes_unroutable),
+            ("envelopes_delivered", self.envelopes_delivered),
+            ("duplicates_dropped", self.duplicates_dropped),
+            ("malformed_dropped", self.malformed_dropped),
+            ("reconnects", self.reconnects),
+            ("offset_store_failures", self.offset_store_failures),
+        ]
+    }
+}
+
 /// Names the counters for the tasks that bump them, so call sites read `stats.add(Stat::X, n)`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Stat {

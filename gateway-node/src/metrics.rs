@@ -6,7 +6,7 @@ use std::sync::Arc;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
-use strait_bus::{Bus, BusStatsSnapshot};
+use strait_bus::Bus;
 
 /// The node's metrics, registered once at start.
 #[derive(Clone)]
@@ -125,23 +125,6 @@ fn bus_transport_vec() -> IntCounterVec {
     )
 }
 
-fn transport_counts(s: &BusStatsSnapshot) -> [(&'static str, u64); 12] {
-    [
-        ("envelopes_queued", s.envelopes_queued),
-        ("envelopes_rejected", s.envelopes_rejected),
-        ("envelopes_published", s.envelopes_published),
-        ("batches_published", s.batches_published),
-        ("batches_confirmed", s.batches_confirmed),
-        ("batches_republished", s.batches_republished),
-        ("envelopes_unroutable", s.envelopes_unroutable),
-        ("envelopes_delivered", s.envelopes_delivered),
-        ("duplicates_dropped", s.duplicates_dropped),
-        ("malformed_dropped", s.malformed_dropped),
-        ("reconnects", s.reconnects),
-        ("offset_store_failures", s.offset_store_failures),
-    ]
-}
-
 impl Collector for BusTransport {
     fn desc(&self) -> Vec<&Desc> {
         self.template.desc()
@@ -152,7 +135,7 @@ impl Collector for BusTransport {
             return Vec::new();
         };
         let v = bus_transport_vec();
-        for (event, n) in transport_counts(&stats) {
+        for (event, n) in stats.named() {
             v.with_label_values(&[event]).inc_by(n);
         }
         v.collect()

@@ -495,9 +495,29 @@ fn pid_of(comm: &str) -> Option<u32> {
     })
 }
 
+/// A one-second window's cost for unit tests (here and in the report's): the servers used half
+/// the nodes' CPU and the publisher put four envelopes in each batch.
+#[cfg(test)]
+pub(crate) fn test_cost(node_cpu_ms: f64, published: f64, work: f64) -> Cost {
+    Cost {
+        secs: 1.0,
+        node_cpu_ms,
+        services_cpu_ms: Some(node_cpu_ms / 2.0),
+        bus_published: published,
+        bus_received: published,
+        bus_batches: published / 4.0,
+        work,
+        work_unit: "request",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cost(node_cpu_ms: f64, published: f64, work: f64) -> Cost {
+        test_cost(node_cpu_ms, published, work)
+    }
 
     #[test]
     fn cpu_ticks_skip_a_command_name_with_spaces() {
@@ -522,19 +542,6 @@ mod tests {
             Some("127.0.0.1:5432".parse().unwrap())
         );
         assert_eq!(host_port("no-scheme", 1), None);
-    }
-
-    fn cost(node_cpu_ms: f64, published: f64, work: f64) -> Cost {
-        Cost {
-            secs: 1.0,
-            node_cpu_ms,
-            services_cpu_ms: Some(node_cpu_ms / 2.0),
-            bus_published: published,
-            bus_received: published,
-            bus_batches: published / 4.0,
-            work,
-            work_unit: "request",
-        }
     }
 
     #[test]

@@ -569,16 +569,7 @@ mod tests {
     }
 
     fn cost(published: f64, work: f64) -> Cost {
-        Cost {
-            secs: 1.0,
-            node_cpu_ms: 100.0,
-            services_cpu_ms: None,
-            bus_published: published,
-            bus_received: published,
-            bus_batches: published / 4.0,
-            work,
-            work_unit: "request",
-        }
+        crate::cluster::test_cost(100.0, published, work)
     }
 
     #[test]

@@ -566,6 +566,23 @@ impl SharedBackends {
     }
 }
 
+/// A `Hello` for hand-driven agents (no capabilities, no services), signed with the token's secret.
+pub fn signed_hello(token: &AgentToken, instance: &str, timestamp_ms: u64) -> strait_schema::Hello {
+    let mut h = strait_schema::Hello {
+        agent: token.agent.clone(),
+        instance_id: instance.into(),
+        key_id: token.key_id.clone(),
+        timestamp_ms,
+        nonce: rand::random(),
+        signature: [0; 32],
+        version: strait_schema::PROTOCOL_VERSION,
+        capabilities: vec![],
+        services: vec![],
+    };
+    h.signature = strait_schema::credentials::sign(&token.secret, &h);
+    h
+}
+
 /// A hand-driven agent connection that completed its handshake and then only answers pings: it
 /// looks alive to the node but never reconnects. Resolves `closed` when the node closes it.
 pub async fn stale_looking_alive_agent(
@@ -574,23 +591,12 @@ pub async fn stale_looking_alive_agent(
     instance: &str,
 ) -> tokio::sync::oneshot::Receiver<()> {
     use futures_util::SinkExt;
-    use strait_schema::{credentials, decode, encode, Frame, Hello, Limits, Pong, PROTOCOL_VERSION};
+    use strait_schema::{decode, encode, Frame, Limits, Pong};
     use tokio_tungstenite::tungstenite::Message;
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("{agent_url}/v1/connect"))
         .await
         .unwrap();
-    let mut h = Hello {
-        agent: token.agent.clone(),
-        instance_id: instance.into(),
-        key_id: token.key_id.clone(),
-        timestamp_ms: now_ms(),
-        nonce: rand::random(),
-        signature: [0; 32],
-        version: PROTOCOL_VERSION,
-        capabilities: vec![],
-        services: vec![],
-    };
-    h.signature = credentials::sign(&token.secret, &h);
+    let h = signed_hello(token, instance, now_ms());
     ws.send(Message::Binary(encode(&Frame::Hello(h)).into())).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {

@@ -16,19 +16,7 @@ use crate::harness::*;
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn hello(token: &AgentToken, timestamp_ms: u64) -> Hello {
-    let mut h = Hello {
-        agent: token.agent.clone(),
-        instance_id: "test-1".into(),
-        key_id: token.key_id.clone(),
-        timestamp_ms,
-        nonce: rand::random(),
-        signature: [0; 32],
-        version: PROTOCOL_VERSION,
-        capabilities: vec![],
-        services: vec![],
-    };
-    h.signature = credentials::sign(&token.secret, &h);
-    h
+    signed_hello(token, "test-1", timestamp_ms)
 }
 
 async fn dial(node: &TestNode) -> Ws {

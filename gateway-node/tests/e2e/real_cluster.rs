@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use strait_agent::{AgentConfig, AgentHandle, GatewayUrl};
-use strait_schema::{credentials, decode, encode, Frame, Hello, Limits, RefuseCode, PROTOCOL_VERSION};
+use strait_schema::{decode, encode, Frame, Limits, RefuseCode};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::*;
@@ -13,6 +13,16 @@ use crate::http::metric_value;
 use crate::procs::ProcCluster;
 
 /// An agent that dials `first` node first, then the others.
+/// Agent `alpha` exposing `exposes`, dialling node B first (the others as fallbacks), connected
+/// to B and visible in the directory: the starting point of every cross-node test.
+pub(crate) async fn alpha_on_b(c: &ProcCluster, exposes: &[String]) -> AgentHandle {
+    let token = c.add_agent("alpha").await;
+    let agent = AgentHandle::spawn(agent_cfg(c, token, 1, exposes));
+    assert_eq!(agent.connected(Duration::from_secs(20)).await.unwrap(), "node-b");
+    c.wait_presence("alpha", 1).await;
+    agent
+}
+
 pub(crate) fn agent_cfg(
     c: &ProcCluster,
     token: strait_schema::AgentToken,
@@ -36,15 +46,7 @@ async fn any_node_serves_an_agent_on_another_http_and_tcp() {
     let backend = Backend::start().await;
     let echo = TcpServer::start(TcpBehaviour::Echo).await;
     ProcCluster::run(3, |c| async move {
-        let token = c.add_agent("alpha").await;
-        let agent = AgentHandle::spawn(agent_cfg(
-            &c,
-            token,
-            1,
-            &[backend.url(), format!("echo={}", echo.url())],
-        ));
-        assert_eq!(agent.connected(Duration::from_secs(20)).await.unwrap(), "node-b");
-        c.wait_presence("alpha", 1).await;
+        let agent = alpha_on_b(&c, &[backend.url(), format!("echo={}", echo.url())]).await;
         for caller in [0, 2] {
             let http = c.client(caller, &["alpha"]);
             let res = http.get(c.url(caller, "alpha", "/inspect?x=1")).send().await.unwrap();
@@ -109,10 +111,7 @@ async fn any_node_serves_an_agent_on_another_http_and_tcp() {
 async fn killing_the_agents_node_resets_callers_and_the_agent_moves() {
     let backend = Backend::start().await;
     ProcCluster::run(3, |mut c| async move {
-        let token = c.add_agent("alpha").await;
-        let agent = AgentHandle::spawn(agent_cfg(&c, token, 1, &[backend.url()]));
-        agent.connected(Duration::from_secs(20)).await.unwrap();
-        c.wait_presence("alpha", 1).await;
+        let agent = alpha_on_b(&c, &[backend.url()]).await;
         let http = c.client(0, &["alpha"]);
         let res = http.get(c.url(0, "alpha", "/drip")).send().await.unwrap();
         assert_eq!(res.status(), 200);
@@ -162,18 +161,7 @@ async fn killing_the_agents_node_resets_callers_and_the_agent_moves() {
 async fn a_handshake_replayed_against_another_node_is_refused() {
     ProcCluster::run(2, |c| async move {
         let token = c.add_agent("alpha").await;
-        let mut h = Hello {
-            agent: token.agent.clone(),
-            instance_id: "i-replay".into(),
-            key_id: token.key_id.clone(),
-            timestamp_ms: strait_gateway::store::now_ms(),
-            nonce: rand::random(),
-            signature: [0; 32],
-            version: PROTOCOL_VERSION,
-            capabilities: vec![],
-            services: vec![],
-        };
-        h.signature = credentials::sign(&token.secret, &h);
+        let h = signed_hello(&token, "i-replay", strait_gateway::store::now_ms());
         let bytes = encode(&Frame::Hello(h));
         let mut answers = Vec::new();
         for n in &c.nodes {

@@ -9,12 +9,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{Tra
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
-use strait_agent::AgentHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 use crate::procs::ProcCluster;
-use crate::real_cluster::agent_cfg;
+use crate::real_cluster::alpha_on_b;
 
 /// One span as the collector received it.
 #[derive(Debug, Clone)]
@@ -136,15 +135,7 @@ async fn one_request_is_one_trace_across_nodes() {
             c.kill(i);
             c.start(i).await;
         }
-        let token = c.add_agent("alpha").await;
-        let agent = AgentHandle::spawn(agent_cfg(
-            &c,
-            token,
-            1,
-            &[backend.url(), format!("echo={}", echo.url())],
-        ));
-        assert_eq!(agent.connected(Duration::from_secs(20)).await.unwrap(), "node-b");
-        c.wait_presence("alpha", 1).await;
+        let agent = alpha_on_b(&c, &[backend.url(), format!("echo={}", echo.url())]).await;
 
         // Across the bus: HTTP into A, then a TCP route on A.
         let res = c
