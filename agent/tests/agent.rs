@@ -535,6 +535,18 @@ async fn streams_round_trip_under_credit() {
     stopping.await.unwrap();
 }
 
+/// A GET on the default service whose head is also the gateway's `Fin` (`end`).
+fn bodiless_get(stream: u64, uri: &str) -> Frame {
+    Frame::RequestHead(RequestHead {
+        stream: StreamId(stream),
+        service: "".into(),
+        method: "GET".into(),
+        uri: uri.into(),
+        headers: vec![],
+        end: true,
+    })
+}
+
 /// A gateway that lists `inline-end` gets small responses as one frame, and may send a bodiless
 /// request as one frame; large responses still stream under credit.
 #[tokio::test]
@@ -552,18 +564,8 @@ async fn small_answers_are_one_frame_when_the_gateway_takes_them() {
     w.capabilities = vec![CAP_INLINE_END.into()];
     send(&mut ws, Frame::Welcome(w)).await;
 
-    let get = |stream: u64, uri: &str| {
-        Frame::RequestHead(RequestHead {
-            stream: StreamId(stream),
-            service: "".into(),
-            method: "GET".into(),
-            uri: uri.into(),
-            headers: vec![],
-            end: true,
-        })
-    };
     // A bodiless GET with `end` (no Fin follows) and an empty 404: one frame back, nothing after.
-    send(&mut ws, get(1, "/missing")).await;
+    send(&mut ws, bodiless_get(1, "/missing")).await;
     match next(&mut ws).await {
         Frame::ResponseHead(h) => {
             assert_eq!((h.stream, h.status, h.end), (StreamId(1), 404, true));
@@ -614,7 +616,7 @@ async fn small_answers_are_one_frame_when_the_gateway_takes_them() {
     ));
 
     // 1 MiB is past the inline size: head, then Data within the window.
-    send(&mut ws, get(3, "/big")).await;
+    send(&mut ws, bodiless_get(3, "/big")).await;
     let Frame::ResponseHead(h) = next(&mut ws).await else {
         panic!("expected ResponseHead")
     };
@@ -644,18 +646,7 @@ async fn a_response_head_past_the_frame_limit_resets_only_its_stream() {
         w.capabilities = if inline { vec![CAP_INLINE_END.into()] } else { vec![] };
         send(&mut ws, Frame::Welcome(w)).await;
         for (stream, uri) in [(1, "/hugehead"), (2, "/missing")] {
-            send(
-                &mut ws,
-                Frame::RequestHead(RequestHead {
-                    stream: StreamId(stream),
-                    service: "".into(),
-                    method: "GET".into(),
-                    uri: uri.into(),
-                    headers: vec![],
-                    end: true,
-                }),
-            )
-            .await;
+            send(&mut ws, bodiless_get(stream, uri)).await;
             if stream == 1 {
                 let (code, reason) = expect_reset(&mut ws, StreamId(1)).await;
                 assert_eq!(code, ErrorCode::Internal, "inline: {inline}");
