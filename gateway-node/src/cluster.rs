@@ -160,16 +160,21 @@ pub enum Target {
     },
 }
 
-/// Finds the agent: this node first (no round trip), then the directory.
+/// Finds the agent: this node first, then the directory, whose cached answer is as fresh as a
+/// read (it is dropped when the agent's presence is claimed or released anywhere).
 pub async fn locate(node: &NodeState, agent: &AgentName) -> Result<Target, (ErrorCode, String)> {
     if let Some(s) = node.sessions.get(agent) {
         return Ok(Target::Local(s));
     }
-    match node.directory.presence(agent).await {
-        Ok(Some(p)) if p.node_id != node.cfg.node_id => Ok(Target::Remote {
-            node: p.node_id,
-            epoch: p.epoch,
-        }),
+    match node.directory.presence_cached(agent).await {
+        Ok((Some(p), cached)) if p.node_id != node.cfg.node_id => {
+            let source = if cached { "cache" } else { "directory" };
+            node.metrics.presence_lookups.with_label_values(&[source]).inc();
+            Ok(Target::Remote {
+                node: p.node_id,
+                epoch: p.epoch,
+            })
+        }
         Ok(_) => Err((ErrorCode::AgentUnavailable, format!("agent {agent} is not connected"))),
         Err(e) => {
             tracing::warn!(error = %e, "directory lookup failed");

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub streams: IntCounterVec,
     /// Bus envelopes by event (`published`, `received`, `dropped_stale`, ...).
     pub bus: IntCounterVec,
+    /// Directory lookups of agents held elsewhere, by `source` (`cache` or `directory`): shows
+    /// whether the per-request round trip to Redis is being saved.
+    pub presence_lookups: IntCounterVec,
 }
 
 impl Metrics {
@@ -59,6 +62,11 @@ impl Metrics {
         let resets = counter_vec("strait_stream_resets_total", "Streams reset", "code");
         let streams = counter_vec("strait_byte_streams_total", "Byte streams ended, by outcome", "outcome");
         let bus = counter_vec("strait_bus_envelopes_total", "Bus envelopes by event", "event");
+        let presence_lookups = counter_vec(
+            "strait_presence_lookups_total",
+            "Presence lookups of agents not on this node, by source",
+            "source",
+        );
         for c in [
             Box::new(agents_connected.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(handshakes.clone()),
@@ -69,6 +77,7 @@ impl Metrics {
             Box::new(resets.clone()),
             Box::new(streams.clone()),
             Box::new(bus.clone()),
+            Box::new(presence_lookups.clone()),
         ] {
             // Names are distinct constants, so registration cannot collide.
             let _ = registry.register(c);
@@ -84,6 +93,7 @@ impl Metrics {
             resets,
             streams,
             bus,
+            presence_lookups,
         }
     }
 

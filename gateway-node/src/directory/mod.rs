@@ -1,6 +1,7 @@
 //! Cluster state that is shared but short-lived: which node holds which agent (presence) and
 //! which handshake nonces were already used. A single node keeps it in memory; a cluster in Redis.
 
+mod cache;
 #[cfg(test)]
 pub(crate) mod contract;
 mod memory;
@@ -50,6 +51,12 @@ pub trait Directory: Send + Sync + 'static {
     async fn release_presence(&self, agent: &AgentName, epoch: u64) -> Result<(), Error>;
     /// Where the agent is, if anywhere.
     async fn presence(&self, agent: &AgentName) -> Result<Option<Presence>, Error>;
+    /// Like [`Directory::presence`], but may answer from this node's copy, which is dropped as
+    /// soon as a claim or release of that agent's presence is announced: the per-request lookup
+    /// then costs no round trip. The flag says whether the copy answered.
+    async fn presence_cached(&self, agent: &AgentName) -> Result<(Option<Presence>, bool), Error> {
+        Ok((self.presence(agent).await?, false))
+    }
 
     /// Marks this node alive for `ttl` (called every heartbeat). A node whose key expired is
     /// dead: callers of streams it carried are reset, and its agents reconnect elsewhere.

@@ -13,23 +13,31 @@
 //! | `strait:node:<node>` | last heartbeat, Unix ms | node TTL |
 //! | `strait:pin:<key>` | holder | pin TTL |
 //! | `strait:offset:<stream>` | last processed offset | none |
+//!
+//! Every claim and release of presence also publishes the agent's name on the channel
+//! `strait:presence-moves`, which each node follows to keep its [`PresenceCache`] true.
 
 use std::future::Future;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult, Script};
 use strait_schema::AgentName;
 
+use super::cache::PresenceCache;
 use super::{Directory, Presence};
 use crate::error::Error;
 
-/// `KEYS[1]` epoch counter, `KEYS[2]` presence; `ARGV` node, instance, ttl ms. Returns the epoch.
-/// `%d`, not `tostring`: Lua 5.1 would print a large number in exponent form.
+/// `KEYS[1]` epoch counter, `KEYS[2]` presence; `ARGV` node, instance, ttl ms, announcement
+/// channel, agent. Returns the epoch. `%d`, not `tostring`: Lua 5.1 would print a large number
+/// in exponent form.
 const CLAIM_PRESENCE: &str = r"
 local epoch = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[2], string.format('%d', epoch) .. '|' .. ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return epoch
 ";
 
@@ -55,14 +63,23 @@ redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
 return 1
 ";
 
-/// `KEYS[1]` presence; `ARGV` epoch. 1 if deleted.
+/// `KEYS[1]` presence; `ARGV` epoch, announcement channel, agent. 1 if deleted.
 const RELEASE_PRESENCE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v and string.match(v, '^(%d+)|') == ARGV[1] then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
   return redis.call('DEL', KEYS[1])
 end
 return 0
 ";
+
+/// How long a cached presence entry is trusted without hearing about it. Announcements make it
+/// exact; this bounds a copy that outlived a message lost with a link that died silently.
+const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// Bounds for re-subscribing to announcements after the link to Redis broke.
+const RESUBSCRIBE_MIN: Duration = Duration::from_millis(100);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
 
 /// `KEYS[1]` pin; `ARGV` value, ttl ms. Nil if taken, else the current holder. One script rather
 /// than SET NX then GET, so a pin expiring in between cannot be reported as held by nobody.
@@ -137,6 +154,18 @@ pub struct RedisDirectory {
     conn: ConnectionManager,
     prefix: String,
     scripts: Scripts,
+    cache: Arc<PresenceCache>,
+    /// Follows presence announcements for `cache`; stopped with the directory.
+    _follower: AbortOnDrop,
+}
+
+/// Stops a background task when its owner goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl RedisDirectory {
@@ -160,14 +189,23 @@ impl RedisDirectory {
             // handshake forever.
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(3);
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|e| Error::Directory(format!("cannot connect to Redis: {e}")))?;
+        let cache = Arc::new(PresenceCache::new(PRESENCE_CACHE_TTL));
+        let channel = format!("{prefix}presence-moves");
+        let follower = AbortOnDrop(tokio::spawn(follow_moves(client, channel, Arc::downgrade(&cache))));
         Ok(Self {
             conn,
             prefix,
             scripts: Scripts::new(),
+            cache,
+            _follower: follower,
         })
+    }
+
+    fn moves_channel(&self) -> String {
+        format!("{}presence-moves", self.prefix)
     }
 
     /// Deletes every key under this directory's prefix and returns how many. For tests and
@@ -223,6 +261,44 @@ impl RedisDirectory {
             }
             Err(e) => Err(failed(what, e)),
         }
+    }
+}
+
+/// Keeps `cache` live while subscribed to `channel`, dropping each announced agent's entry;
+/// re-subscribes with backoff after the link breaks. Ends when the directory is dropped.
+async fn follow_moves(client: redis::Client, channel: String, cache: Weak<PresenceCache>) {
+    let mut delay = RESUBSCRIBE_MIN;
+    loop {
+        let subscribed = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        })
+        .await;
+        match subscribed {
+            Ok(Ok(mut pubsub)) => {
+                let Some(c) = cache.upgrade() else { return };
+                c.set_live(true);
+                drop(c);
+                delay = RESUBSCRIBE_MIN;
+                let mut moves = pubsub.on_message();
+                while let Some(msg) = moves.next().await {
+                    let Some(c) = cache.upgrade() else { return };
+                    match msg.get_payload::<String>() {
+                        Ok(agent) => c.forget(&agent),
+                        // Unknown which agent moved, so none of the copies can be trusted.
+                        Err(_) => c.set_live(true),
+                    }
+                }
+                let Some(c) = cache.upgrade() else { return };
+                c.set_live(false);
+                tracing::warn!("lost presence announcements; reading presence from Redis until re-subscribed");
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, retry_in = ?delay, "cannot subscribe to presence announcements"),
+            Err(_) => tracing::warn!(retry_in = ?delay, "subscribing to presence announcements timed out"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RESUBSCRIBE_MAX);
     }
 }
 
@@ -295,6 +371,7 @@ impl Directory for RedisDirectory {
         let presence_key = &self.key("presence", agent.as_str());
         let script = &self.scripts.claim_presence;
         let ms = ttl_ms(ttl);
+        let channel = &self.moves_channel();
         self.run("claim presence", |mut c| async move {
             script
                 .key(epoch_key)
@@ -302,6 +379,8 @@ impl Directory for RedisDirectory {
                 .arg(node_id)
                 .arg(instance_id)
                 .arg(ms)
+                .arg(channel)
+                .arg(agent.as_str())
                 .invoke_async(&mut c)
                 .await
         })
@@ -331,9 +410,16 @@ impl Directory for RedisDirectory {
     async fn release_presence(&self, agent: &AgentName, epoch: u64) -> Result<(), Error> {
         let key = &self.key("presence", agent.as_str());
         let script = &self.scripts.release_presence;
+        let channel = &self.moves_channel();
         let _: i64 = self
             .run("release presence", |mut c| async move {
-                script.key(key).arg(epoch).invoke_async(&mut c).await
+                script
+                    .key(key)
+                    .arg(epoch)
+                    .arg(channel)
+                    .arg(agent.as_str())
+                    .invoke_async(&mut c)
+                    .await
             })
             .await?;
         Ok(())
@@ -351,6 +437,18 @@ impl Directory for RedisDirectory {
                 parse_presence(&v).ok_or_else(|| Error::Directory(format!("malformed presence for {agent}: {v:?}")))
             })
             .transpose()
+    }
+
+    async fn presence_cached(&self, agent: &AgentName) -> Result<(Option<Presence>, bool), Error> {
+        if let Some(p) = self.cache.get(agent.as_str()) {
+            return Ok((Some(p), true));
+        }
+        let generation = self.cache.generation();
+        let found = self.presence(agent).await?;
+        if let (Some(p), Some(g)) = (&found, generation) {
+            self.cache.put(agent.as_str(), p.clone(), g);
+        }
+        Ok((found, false))
     }
 
     async fn node_heartbeat(&self, node_id: &str, ttl: Duration) -> Result<(), Error> {
@@ -460,6 +558,8 @@ impl Directory for RedisDirectory {
 mod tests {
     use std::panic::AssertUnwindSafe;
 
+    use std::time::Instant;
+
     use futures_util::FutureExt;
 
     use super::*;
@@ -500,6 +600,68 @@ mod tests {
         assert!(!mine.node_alive("n1").await.unwrap());
         assert!(other.node_alive("n1").await.unwrap());
         assert_eq!(other.delete_all_keys().await.unwrap(), 1);
+    }
+
+    /// Two nodes of one cluster: the one caching an agent's presence drops its copy when the
+    /// other claims or releases that agent, well before the copy's TTL would.
+    #[tokio::test]
+    async fn announced_claims_and_releases_drop_cached_presence() {
+        let prefix = format!("strait-test-{:016x}:", rand::random::<u64>());
+        let caller = RedisDirectory::connect(REDIS_URL, &prefix).await.unwrap();
+        let holder = RedisDirectory::connect(REDIS_URL, &prefix).await.unwrap();
+        let outcome = AssertUnwindSafe(async {
+            let (alpha, beta) = (AgentName::new("alpha").unwrap(), AgentName::new("beta").unwrap());
+            let ttl = Duration::from_secs(30);
+            let subscribed = Instant::now();
+            while caller.cache.generation().is_none() {
+                assert!(subscribed.elapsed() < Duration::from_secs(5), "never subscribed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let e1 = holder.claim_presence(&alpha, "n1", "i1", ttl).await.unwrap();
+            holder.claim_presence(&beta, "n1", "i2", ttl).await.unwrap();
+            for agent in [&alpha, &beta] {
+                assert!(!caller.presence_cached(agent).await.unwrap().1);
+            }
+            let (p, hit) = caller.presence_cached(&alpha).await.unwrap();
+            assert!(hit, "the second lookup went to Redis");
+            assert_eq!(p.map(|p| (p.node_id, p.epoch)), Some(("n1".into(), e1)));
+            let cached_at = Instant::now();
+
+            // The agent reconnects on another node: only its own entry goes, at once.
+            let e2 = holder.claim_presence(&alpha, "n2", "i1", ttl).await.unwrap();
+            while caller.cache.get("alpha").is_some() {
+                assert!(
+                    cached_at.elapsed() < PRESENCE_CACHE_TTL / 2,
+                    "the claim was not heard; the copy would live until its TTL"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            assert!(
+                caller.presence_cached(&beta).await.unwrap().1,
+                "another agent's entry was dropped"
+            );
+            let (p, hit) = caller.presence_cached(&alpha).await.unwrap();
+            assert_eq!((p.map(|p| (p.node_id, p.epoch)), hit), (Some(("n2".into(), e2)), false));
+
+            // It disconnects: its entry goes too.
+            assert!(caller.presence_cached(&alpha).await.unwrap().1);
+            let cached_at = Instant::now();
+            holder.release_presence(&alpha, e2).await.unwrap();
+            while caller.cache.get("alpha").is_some() {
+                assert!(
+                    cached_at.elapsed() < PRESENCE_CACHE_TTL / 2,
+                    "the release was not heard"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            assert_eq!(caller.presence_cached(&alpha).await.unwrap(), (None, false));
+        })
+        .catch_unwind()
+        .await;
+        caller.delete_all_keys().await.unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
     }
 
     #[tokio::test]

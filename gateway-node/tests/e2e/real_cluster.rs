@@ -12,7 +12,6 @@ use crate::harness::*;
 use crate::http::metric_value;
 use crate::procs::ProcCluster;
 
-/// An agent that dials `first` node first, then the others.
 /// Agent `alpha` exposing `exposes`, dialling node B first (the others as fallbacks), connected
 /// to B and visible in the directory: the starting point of every cross-node test.
 pub(crate) async fn alpha_on_b(c: &ProcCluster, exposes: &[String]) -> AgentHandle {
@@ -23,6 +22,7 @@ pub(crate) async fn alpha_on_b(c: &ProcCluster, exposes: &[String]) -> AgentHand
     agent
 }
 
+/// An agent that dials `first` node first, then the others.
 pub(crate) fn agent_cfg(
     c: &ProcCluster,
     token: strait_schema::AgentToken,
@@ -102,6 +102,52 @@ async fn any_node_serves_an_agent_on_another_http_and_tcp() {
         assert!(transport("batches_confirmed") > 0 && transport("envelopes_delivered") > 0);
         assert_eq!(transport("envelopes_rejected"), 0);
         agent.kill();
+        c
+    })
+    .await;
+}
+
+/// Node A answers where alpha is from its cache, not Redis, and the cache follows alpha when it
+/// reconnects elsewhere: the requests right after the move already go to the new node.
+#[actix_rt::test]
+async fn cached_presence_follows_an_agent_that_moves() {
+    let backend = Backend::start().await;
+    ProcCluster::run(3, |c| async move {
+        let token = c.add_agent("alpha").await;
+        let first = AgentHandle::spawn(agent_cfg(&c, token.clone(), 1, &[backend.url()]));
+        assert_eq!(first.connected(Duration::from_secs(20)).await.unwrap(), "node-b");
+        c.wait_presence("alpha", 1).await;
+        let http = c.client(0, &["alpha"]);
+        let get = |seed: u64| {
+            let req = http.get(c.url(0, "alpha", &format!("/bytes/1000?seed={seed}")));
+            async move {
+                let res = req.send().await.unwrap();
+                assert_eq!(res.status(), 200, "seed {seed}");
+                assert_eq!(check_pattern(res, seed).await, 1000);
+            }
+        };
+        for seed in 0..5 {
+            get(seed).await;
+        }
+        let lookups =
+            |m: &str, source: &str| metric_value(m, &format!("strait_presence_lookups_total{{source=\"{source}\"}}"));
+        let m = c.metrics(0).await;
+        assert!(lookups(&m, "cache") >= 4, "{} cached lookups", lookups(&m, "cache"));
+        assert!(lookups(&m, "directory") >= 1);
+
+        // Well within the cache's TTL: without the claim's announcement A would still send to B.
+        first.kill();
+        let second = AgentHandle::spawn(agent_cfg(&c, token, 2, &[backend.url()]));
+        assert_eq!(second.connected(Duration::from_secs(20)).await.unwrap(), "node-c");
+        for seed in 5..10 {
+            get(seed).await;
+        }
+        let stale = metric_value(
+            &c.metrics(1).await,
+            "strait_bus_envelopes_total{event=\"dropped_stale\"}",
+        );
+        assert_eq!(stale, 0, "A sent requests for alpha to its old node");
+        second.kill();
         c
     })
     .await;
