@@ -450,6 +450,26 @@ async fn redis_restart_keeps_agents_reachable() {
                         steady.elapsed()
                     );
                 }
+                // A's presence cache lost its announcements with the link; it answers again once
+                // A has re-subscribed (until then every lookup went to Redis).
+                let cached =
+                    || async { metric_value(&c.metrics(0).await, "strait_presence_lookups_total{source=\"cache\"}") };
+                let before = cached().await;
+                let next = std::sync::atomic::AtomicU64::new(seed + 1);
+                eventually(
+                    Duration::from_secs(10),
+                    "A answers from its presence cache again",
+                    || async {
+                        let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        assert!(get(seed).await, "a request failed after recovery");
+                        cached().await > before
+                    },
+                )
+                .await;
+                assert!(
+                    c.log(0).contains("lost presence announcements"),
+                    "A did not notice that its announcements stopped"
+                );
                 watcher.abort();
                 let changes = changes.lock().unwrap().clone();
                 assert!(
