@@ -9,6 +9,12 @@ use strait_schema::WireLimits;
 
 use crate::error::Error;
 
+/// Per-stream credit window unless configured. A stream moves at most one window per round trip,
+/// and across nodes that trip runs through the bus (~3 ms under load here): 1 MiB keeps one
+/// cross-node byte stream above 100 MB/s where 256 KiB gave ~90 (docs/benchmarks.md). The cost
+/// is the most a stalled reader can hold per stream.
+pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
+
 /// Where durable state lives; shared by `serve` and the admin subcommands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreArgs {
@@ -64,7 +70,7 @@ pub struct ServeArgs {
     #[arg(long, env = "STRAIT_CLOCK_SKEW", default_value_t = 60)]
     pub clock_skew_secs: u64,
     /// Per-stream flow-control window, bytes.
-    #[arg(long, env = "STRAIT_STREAM_WINDOW", default_value_t = 256 * 1024)]
+    #[arg(long, env = "STRAIT_STREAM_WINDOW", default_value_t = DEFAULT_STREAM_WINDOW)]
     pub stream_window: u32,
     /// Most streams open at once per agent.
     #[arg(long, env = "STRAIT_MAX_STREAMS", default_value_t = 1024)]
@@ -181,7 +187,7 @@ impl NodeConfig {
             limits: WireLimits {
                 max_frame_bytes: 1 << 20,
                 max_data_bytes: 64 << 10,
-                stream_window: 256 << 10,
+                stream_window: DEFAULT_STREAM_WINDOW,
                 max_streams: 1024,
             },
             revocation_poll: Duration::from_secs(2),
