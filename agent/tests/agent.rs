@@ -179,6 +179,19 @@ async fn send(ws: &mut Ws, frame: Frame) {
     ws.send(Message::Binary(encode(&frame).into())).await.unwrap();
 }
 
+/// The caller's last bytes on `stream`, then its half-close.
+async fn send_last(ws: &mut Ws, stream: StreamId, bytes: &'static [u8]) {
+    send(
+        ws,
+        Frame::Data(Data {
+            stream,
+            bytes: Bytes::from_static(bytes),
+        }),
+    )
+    .await;
+    send(ws, Frame::Fin(Fin { stream })).await;
+}
+
 /// Next frame from the agent, answering its `Ping`s on the way.
 async fn next(ws: &mut Ws) -> Frame {
     loop {
@@ -499,15 +512,7 @@ async fn streams_round_trip_under_credit() {
         }),
     )
     .await;
-    send(
-        &mut ws,
-        Frame::Data(Data {
-            stream: s,
-            bytes: Bytes::from_static(b"hello tcp"),
-        }),
-    )
-    .await;
-    send(&mut ws, Frame::Fin(Fin { stream: s })).await;
+    send_last(&mut ws, s, b"hello tcp").await;
     let mut echoed = Vec::new();
     loop {
         match next(&mut ws).await {
@@ -589,15 +594,7 @@ async fn small_answers_are_one_frame_when_the_gateway_takes_them() {
         }),
     )
     .await;
-    send(
-        &mut ws,
-        Frame::Data(Data {
-            stream: s,
-            bytes: Bytes::from_static(b"hello"),
-        }),
-    )
-    .await;
-    send(&mut ws, Frame::Fin(Fin { stream: s })).await;
+    send_last(&mut ws, s, b"hello").await;
     loop {
         match next(&mut ws).await {
             Frame::Credit(c) if c.stream == s => continue,

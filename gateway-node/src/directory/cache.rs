@@ -84,13 +84,18 @@ impl PresenceCache {
         inner.map.remove(agent);
     }
 
+    /// Drops every entry: an announcement could not be read, so any of them may be stale.
+    pub(crate) fn forget_all(&self) {
+        let mut inner = self.inner.lock();
+        inner.generation += 1;
+        inner.map.clear();
+    }
+
     /// Records whether announcements are heard. Either way the cache starts empty: entries kept
     /// across a gap could have missed a move.
     pub(crate) fn set_live(&self, live: bool) {
-        let mut inner = self.inner.lock();
-        inner.live = live;
-        inner.generation += 1;
-        inner.map.clear();
+        self.inner.lock().live = live;
+        self.forget_all();
     }
 }
 

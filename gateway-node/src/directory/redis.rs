@@ -287,7 +287,10 @@ async fn follow_moves(client: redis::Client, channel: String, cache: Weak<Presen
                     match msg.get_payload::<String>() {
                         Ok(agent) => c.forget(&agent),
                         // Unknown which agent moved, so none of the copies can be trusted.
-                        Err(_) => c.set_live(true),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "unreadable presence announcement; dropping the whole cache");
+                            c.forget_all();
+                        }
                     }
                 }
                 let Some(c) = cache.upgrade() else { return };
@@ -655,6 +658,25 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             assert_eq!(caller.presence_cached(&alpha).await.unwrap(), (None, false));
+
+            // An announcement that names no readable agent: no copy can be trusted any more.
+            assert!(caller.presence_cached(&beta).await.unwrap().1);
+            let cached_at = Instant::now();
+            let mut c = caller.conn.clone();
+            redis::cmd("PUBLISH")
+                .arg(caller.moves_channel())
+                .arg(&[0xffu8, 0xfe][..])
+                .query_async::<()>(&mut c)
+                .await
+                .unwrap();
+            while caller.cache.get("beta").is_some() {
+                assert!(
+                    cached_at.elapsed() < PRESENCE_CACHE_TTL / 2,
+                    "a garbled announcement left the cache"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            assert!(caller.cache.generation().is_some(), "the subscription should stay up");
         })
         .catch_unwind()
         .await;
