@@ -10,6 +10,7 @@
 //! instance-id = "web-1"        # optional; random per process otherwise
 //! max-backoff = 30             # seconds, optional
 //! drain-timeout = 30           # seconds, optional
+//! threads = 1                  # runtime threads, optional
 //! expose = ["http://127.0.0.1:3000", "ssh=tcp://127.0.0.1:22"]
 //! ```
 //!
@@ -34,6 +35,9 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How long a shutdown waits for in-flight streams when none is configured.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most runtime threads accepted: beyond this a typo, not a machine.
+pub const MAX_THREADS: usize = 256;
 
 /// A gateway endpoint, normalised to `ws://` or `wss://` with a non-root path, so operators can
 /// paste the gateway's plain `https://` address.
@@ -230,6 +234,10 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// How long a shutdown (or a connection told to go away) waits for in-flight streams.
     pub drain_timeout: Duration,
+    /// Threads of the runtime the agent builds for itself ([`crate::runtime`]). One by default:
+    /// a request then never hops between threads, which costs more CPU than the relay itself on
+    /// a small machine; raise it for an agent that carries many busy streams on a big one.
+    pub threads: usize,
 }
 
 impl AgentConfig {
@@ -242,6 +250,7 @@ impl AgentConfig {
             services: Vec::new(),
             max_backoff: DEFAULT_MAX_BACKOFF,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            threads: 1,
         })
     }
 
@@ -259,6 +268,9 @@ impl AgentConfig {
             return Err(Error::Config(
                 "no gateway URL given (--gateway / STRAIT_GATEWAY)".into(),
             ));
+        }
+        if !(1..=MAX_THREADS).contains(&self.threads) {
+            return Err(Error::Config(format!("threads must be 1-{MAX_THREADS}")));
         }
         if !is_short_id(&self.instance_id) {
             return Err(Error::Config(
@@ -303,6 +315,8 @@ pub struct Settings {
     pub max_backoff: Option<f64>,
     /// Drain timeout, seconds.
     pub drain_timeout: Option<f64>,
+    /// Runtime threads.
+    pub threads: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -321,6 +335,7 @@ struct FileSettings {
     expose: Option<Vec<String>>,
     max_backoff: Option<f64>,
     drain_timeout: Option<f64>,
+    threads: Option<usize>,
 }
 
 impl Settings {
@@ -340,6 +355,7 @@ impl Settings {
             expose: f.expose.unwrap_or_default(),
             max_backoff: f.max_backoff,
             drain_timeout: f.drain_timeout,
+            threads: f.threads,
         })
     }
 
@@ -361,6 +377,7 @@ impl Settings {
             },
             max_backoff: self.max_backoff.or(lower.max_backoff),
             drain_timeout: self.drain_timeout.or(lower.drain_timeout),
+            threads: self.threads.or(lower.threads),
         }
     }
 
@@ -387,6 +404,7 @@ impl Settings {
             services,
             max_backoff: seconds("max-backoff", self.max_backoff)?.unwrap_or(DEFAULT_MAX_BACKOFF),
             drain_timeout: seconds("drain-timeout", self.drain_timeout)?.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            threads: self.threads.unwrap_or(1),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -514,6 +532,30 @@ mod tests {
         let s = Settings::from_toml("gateway = [\"ws://a\", \"ws://b\"]\ninstance-id = \"web-1\"").unwrap();
         assert_eq!(s.gateway.len(), 2);
         assert_eq!(s.instance_id.as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn threads_default_to_one_and_are_bounded() {
+        let parse = |extra: &str| {
+            Settings::from_toml(&format!("gateway = \"ws://a\"\ntoken = \"{}\"\n{extra}", token()))
+                .unwrap()
+                .into_config()
+        };
+        assert_eq!(parse("").unwrap().threads, 1);
+        assert_eq!(parse("threads = 4").unwrap().threads, 4);
+        for bad in ["threads = 0", "threads = 257"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("threads must be 1-256"), "{bad}: {e}");
+        }
+        let flags = Settings {
+            threads: Some(2),
+            ..Settings::default()
+        };
+        let file = Settings {
+            threads: Some(8),
+            ..Settings::default()
+        };
+        assert_eq!(flags.over(file).threads, Some(2));
     }
 
     #[test]

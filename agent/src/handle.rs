@@ -10,12 +10,9 @@ use tokio::task::JoinHandle;
 
 use crate::{supervise, AgentConfig, AgentStatus, Error};
 
-/// Worker threads of the agent's own runtime.
-const WORKER_THREADS: usize = 2;
-
-/// An agent running on its own tokio runtime (2 worker threads). Its methods are safe to call
-/// from any async context, including a single-threaded actix runtime: waiting happens on the
-/// agent's runtime and is only awaited from the caller's.
+/// An agent running on its own tokio runtime ([`AgentConfig::threads`] workers). Its methods are
+/// safe to call from any async context, including a single-threaded actix runtime: waiting
+/// happens on the agent's runtime and is only awaited from the caller's.
 ///
 /// Dropping the handle without [`AgentHandle::shutdown`] kills the agent like
 /// [`AgentHandle::kill`].
@@ -45,12 +42,7 @@ impl AgentHandle {
         if let Err(e) = cfg.validate() {
             return failed(status_tx, status, Error::NotStarted(e.to_string()));
         }
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(WORKER_THREADS)
-            .thread_name("strait-agent")
-            .enable_all()
-            .build()
-        {
+        let runtime = match crate::runtime(cfg.threads) {
             Ok(rt) => rt,
             Err(e) => return failed(status_tx, status, Error::Runtime(Arc::new(e))),
         };

@@ -68,6 +68,17 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     supervise(cfg, shutdown, status).await
 }
 
+/// The runtime the agent builds for itself (the binary and [`AgentHandle::spawn`]), with
+/// [`AgentConfig::threads`] worker threads. Its workers run every task; the thread that builds
+/// it only waits.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("strait-agent")
+        .enable_all()
+        .build()
+}
+
 /// TLS for both the gateway (wss://) and https:// services: ring, Mozilla's roots, chosen
 /// explicitly so no process-wide default provider is needed.
 fn tls_config() -> Result<Arc<rustls::ClientConfig>, Error> {

@@ -40,6 +40,9 @@ struct Cli {
     /// How long shutdown waits for in-flight streams, seconds [default: 30].
     #[arg(long, env = "STRAIT_DRAIN_TIMEOUT", value_name = "SECS")]
     drain_timeout: Option<f64>,
+    /// Runtime threads [default: 1]; more only helps an agent carrying many busy streams.
+    #[arg(long, env = "STRAIT_THREADS", value_name = "N")]
+    threads: Option<usize>,
 }
 
 impl Cli {
@@ -51,12 +54,12 @@ impl Cli {
             expose: self.expose.clone(),
             max_backoff: self.max_backoff,
             drain_timeout: self.drain_timeout,
+            threads: self.threads,
         }
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
@@ -76,7 +79,13 @@ async fn main() -> anyhow::Result<()> {
         "starting strait-agent {}",
         env!("CARGO_PKG_VERSION")
     );
-    strait_agent::run(cfg, shutdown_signal()).await?;
+    let runtime = strait_agent::runtime(cfg.threads).context("building the runtime")?;
+    runtime.block_on(async move {
+        // On a worker, like every task it spawns: the main thread only waits.
+        tokio::spawn(strait_agent::run(cfg, shutdown_signal()))
+            .await
+            .context("agent task")
+    })??;
     tracing::info!("stopped");
     Ok(())
 }

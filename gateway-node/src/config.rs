@@ -86,7 +86,8 @@ pub struct ServeArgs {
     /// check takes the node out before it stops accepting (default: 1000 in cluster mode, else 0).
     #[arg(long, env = "STRAIT_DRAIN_DELAY_MS")]
     pub drain_delay_ms: Option<u64>,
-    /// Worker threads per server (default: one per core).
+    /// Worker threads of the agent and ingress server (default: one per core). On a small
+    /// machine shared with other busy processes, 1 serves more requests per CPU second.
     #[arg(long, env = "STRAIT_WORKERS")]
     pub workers: Option<usize>,
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use parking_lot::RwLock;
 use strait_bus::{AmqpBus, Bus, BusConfig, InProcessBus, OffsetStore};
 use strait_schema::AgentName;
@@ -246,28 +246,25 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     let grace = cfg.drain_grace.as_secs().max(1);
     let data = web::Data::from(state.clone());
 
+    // The agent endpoint and the ingress share one server, so one set of workers: a request
+    // whose caller and agent connections landed on the same worker never leaves its thread, and
+    // a thread hand-off costs more CPU than the relay itself (docs/benchmarks.md).
+    let agent_addr = listeners.agent.local_addr()?;
     let d = data.clone();
-    let agent_srv = HttpServer::new(move || {
+    let srv = HttpServer::new(move || {
         App::new()
             .app_data(d.clone())
-            .route(session::AGENT_PATH, web::get().to(session::accept))
+            .default_service(web::to(move |req, payload, node| serve(agent_addr, req, payload, node)))
     })
     .workers(cfg.workers)
+    .backlog(4096)
     .disable_signals()
     // Frames are small and latency-bound; Nagle plus delayed ACKs cost 40 ms stalls.
     .tcp_nodelay(true)
     .shutdown_timeout(grace)
     .listen(listeners.agent)?
+    .listen(listeners.http)?
     .run();
-    let d = data.clone();
-    let http_srv = HttpServer::new(move || App::new().app_data(d.clone()).default_service(web::to(ingress::handle)))
-        .workers(cfg.workers)
-        .backlog(4096)
-        .disable_signals()
-        .tcp_nodelay(true)
-        .shutdown_timeout(grace)
-        .listen(listeners.http)?
-        .run();
     let d = data.clone();
     let ops_srv = HttpServer::new(move || App::new().app_data(d.clone()).configure(ops::routes))
         .workers(1)
@@ -276,9 +273,9 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
         .listen(listeners.ops)?
         .run();
 
-    let (agent_h, http_h, ops_h) = (agent_srv.handle(), http_srv.handle(), ops_srv.handle());
+    let (srv_h, ops_h) = (srv.handle(), ops_srv.handle());
     let servers = actix_rt::spawn(async move {
-        let _ = futures_util::future::join3(agent_srv, http_srv, ops_srv).await;
+        let _ = futures_util::future::join(srv, ops_srv).await;
     });
     let inbox = state.bus.subscribe(&cfg.node_id).await?;
     let bridge = actix_rt::spawn(cluster::bridge(state.clone(), inbox));
@@ -313,10 +310,11 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     }
     poller.abort();
     routes.abort();
-    // Stop taking requests, let in-flight ones finish (bounded by the grace), then drop agents.
-    // Ingress stays open until load balancers have seen /readyz fail.
+    // Stop taking connections (both listeners close now: agents were already asked to move and
+    // a draining node refuses new ones), let in-flight requests finish (bounded by the grace),
+    // then drop agents. Ingress stays open until load balancers have seen /readyz fail.
     tokio::time::sleep_until(keep_serving_until).await;
-    http_h.stop(true).await;
+    let stopped = srv_h.stop(true);
     // Sessions that handed their agent over finish their in-flight streams (relayed for callers
     // on other nodes) and close themselves; give them the drain grace.
     let deadline = tokio::time::Instant::now() + cfg.drain_grace;
@@ -328,7 +326,7 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
             reason: "gateway shutting down",
         });
     }
-    agent_h.stop(true).await;
+    stopped.await;
     ops_h.stop(false).await;
     let _ = servers.await;
     for a in arbiters {
@@ -343,6 +341,28 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     state.phase.send_replace(Phase::Stopped);
     tracing::info!(node = %cfg.node_id, "stopped");
     Ok(())
+}
+
+/// Every request on the shared server: the agent endpoint on the agent listener, the ingress
+/// on the other one.
+async fn serve(
+    agent_listener: std::net::SocketAddr,
+    req: HttpRequest,
+    payload: web::Payload,
+    node: web::Data<NodeState>,
+) -> HttpResponse {
+    if req.app_config().local_addr() != agent_listener {
+        return ingress::handle(req, payload, node).await;
+    }
+    if req.path() != session::AGENT_PATH {
+        return HttpResponse::NotFound().finish();
+    }
+    if req.method() != actix_web::http::Method::GET {
+        return HttpResponse::MethodNotAllowed().finish();
+    }
+    session::accept(req, payload, node)
+        .await
+        .unwrap_or_else(HttpResponse::from)
 }
 
 /// Keeps this node's liveness key fresh, and resets streams whose agent sat on a node that

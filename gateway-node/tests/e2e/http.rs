@@ -319,3 +319,38 @@ async fn agent_killed_mid_response_aborts_the_caller_promptly_and_spares_others(
     let res = c.get(node.url("alpha", "/")).send().await.unwrap();
     assert_eq!(res.status(), 502);
 }
+
+/// The agent endpoint and the ingress share one server's workers; each listener still serves
+/// only its own side.
+#[actix_rt::test]
+async fn each_listener_serves_only_its_own_side() {
+    let backend = Backend::start().await;
+    let node = TestNode::embedded().await;
+    let _agent = node.connect_agent("alpha", &backend.url()).await;
+
+    // The agent endpoint's path on the ingress is an ordinary request for the agent's service.
+    let res = node
+        .client(&["alpha"])
+        .get(node.url("alpha", "/v1/connect"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.text().await.unwrap(), "no such route", "answered by the backend");
+
+    // A request for the agent's host on the agent listener never reaches the agent.
+    let agent_side = reqwest::Client::builder()
+        .resolve("alpha.localhost", node.agent_addr)
+        .build()
+        .unwrap();
+    let url = |path: &str| format!("http://alpha.localhost:{}{path}", node.agent_addr.port());
+    let res = agent_side.get(url("/inspect")).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    assert!(res.headers().get("x-strait-error").is_none());
+    assert_eq!(res.text().await.unwrap(), "");
+    let res = agent_side.post(url("/v1/connect")).send().await.unwrap();
+    assert_eq!(res.status(), 405);
+    // A plain GET of the endpoint is not a WebSocket handshake.
+    let res = agent_side.get(url("/v1/connect")).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+}
