@@ -315,10 +315,11 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     // then drop agents. Ingress stays open until load balancers have seen /readyz fail.
     tokio::time::sleep_until(keep_serving_until).await;
     let stopped = srv_h.stop(true);
-    // Sessions that handed their agent over finish their in-flight streams (relayed for callers
-    // on other nodes) and close themselves; give them the drain grace.
+    // Every session finishes its in-flight streams (this node's callers' and those relayed for
+    // callers on other nodes) before its agent is dropped; one that handed its agent over closes
+    // itself once they are done. The drain grace bounds the wait.
     let deadline = tokio::time::Instant::now() + cfg.drain_grace;
-    while !cfg.handoff.is_zero() && !state.sessions.all().is_empty() && tokio::time::Instant::now() < deadline {
+    while state.sessions.all().iter().any(|s| s.streams.open_count() > 0) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for s in state.sessions.all() {

@@ -325,6 +325,12 @@ impl Streams {
 }
 
 impl StreamTable {
+    /// Streams open now, local and relayed: a draining node waits for none before it drops the
+    /// agent.
+    pub fn open_count(&self) -> usize {
+        self.inner.lock().map.len()
+    }
+
     /// Registers a stream whose caller is on this node. The returned grant sends through `link`.
     pub fn open(
         self: &Arc<Self>,

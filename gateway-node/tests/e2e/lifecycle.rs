@@ -38,6 +38,33 @@ async fn ops_endpoints_report_health_readiness_and_metrics() {
     assert!(crate::http::metric_value(&m, "strait_tunnel_bytes_total{direction=\"in\"}") >= 5);
 }
 
+/// A single node told to stop lets the requests it is serving finish before it drops its
+/// agents, and takes no new connection meanwhile.
+#[actix_rt::test]
+async fn a_stopping_node_finishes_its_in_flight_requests_first() {
+    let backend = Backend::start().await;
+    let node = TestNode::embedded().await;
+    let _agent = node.connect_agent("alpha", &backend.url()).await;
+    let c = node.client(&["alpha"]);
+    let slow = tokio::spawn(c.get(node.url("alpha", "/slow/1500")).send());
+    let st = node.state.clone();
+    eventually(Duration::from_secs(5), "request in flight", || {
+        let st = st.clone();
+        async move { st.sessions.all().iter().any(|s| s.streams.open_count() > 0) }
+    })
+    .await;
+    let http_addr = node.http_addr;
+    let stopping = tokio::spawn(node.shutdown());
+    eventually(Duration::from_secs(5), "ingress closed", || async move {
+        tokio::net::TcpStream::connect(http_addr).await.is_err()
+    })
+    .await;
+    let res = slow.await.unwrap().expect("the in-flight request is answered");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "slow");
+    stopping.await.unwrap();
+}
+
 #[actix_rt::test]
 async fn a_restarted_node_still_knows_its_agents() {
     let backend = Backend::start().await;
