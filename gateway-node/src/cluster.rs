@@ -168,8 +168,11 @@ pub async fn locate(node: &NodeState, agent: &AgentName) -> Result<Target, (Erro
     }
     match node.directory.presence_cached(agent).await {
         Ok((Some(p), cached)) if p.node_id != node.cfg.node_id => {
-            let source = if cached { "cache" } else { "directory" };
-            node.metrics.presence_lookups.with_label_values(&[source]).inc();
+            if cached {
+                node.metrics.presence_from_cache.inc();
+            } else {
+                node.metrics.presence_from_directory.inc();
+            }
             Ok(Target::Remote {
                 node: p.node_id,
                 epoch: p.epoch,

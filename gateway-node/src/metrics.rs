@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use strait_bus::Bus;
 
 /// The node's metrics, registered once at start.
@@ -30,9 +30,12 @@ pub struct Metrics {
     pub streams: IntCounterVec,
     /// Bus envelopes by event (`published`, `received`, `dropped_stale`, ...).
     pub bus: IntCounterVec,
-    /// Directory lookups of agents held elsewhere, by `source` (`cache` or `directory`): shows
-    /// whether the per-request round trip to Redis is being saved.
-    pub presence_lookups: IntCounterVec,
+    /// Lookups of agents held elsewhere answered by this node's presence cache, and those that
+    /// went to the directory (`strait_presence_lookups_total{source}`): shows whether the
+    /// per-request round trip to Redis is being saved. Resolved once: they count every request.
+    pub presence_from_cache: IntCounter,
+    /// See `presence_from_cache`.
+    pub presence_from_directory: IntCounter,
 }
 
 impl Metrics {
@@ -93,7 +96,8 @@ impl Metrics {
             resets,
             streams,
             bus,
-            presence_lookups,
+            presence_from_cache: presence_lookups.with_label_values(&["cache"]),
+            presence_from_directory: presence_lookups.with_label_values(&["directory"]),
         }
     }
 

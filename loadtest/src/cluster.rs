@@ -513,11 +513,8 @@ pub(crate) fn test_cost(node_cpu_ms: f64, published: f64, work: f64) -> Cost {
 
 #[cfg(test)]
 mod tests {
+    use super::test_cost as cost;
     use super::*;
-
-    fn cost(node_cpu_ms: f64, published: f64, work: f64) -> Cost {
-        test_cost(node_cpu_ms, published, work)
-    }
 
     #[test]
     fn cpu_ticks_skip_a_command_name_with_spaces() {

@@ -35,6 +35,13 @@ struct Inner {
     sweep_at: usize,
 }
 
+impl Inner {
+    fn forget_all(&mut self) {
+        self.generation += 1;
+        self.map.clear();
+    }
+}
+
 impl PresenceCache {
     pub(crate) fn new(ttl: Duration) -> Self {
         Self {
@@ -86,16 +93,15 @@ impl PresenceCache {
 
     /// Drops every entry: an announcement could not be read, so any of them may be stale.
     pub(crate) fn forget_all(&self) {
-        let mut inner = self.inner.lock();
-        inner.generation += 1;
-        inner.map.clear();
+        self.inner.lock().forget_all();
     }
 
     /// Records whether announcements are heard. Either way the cache starts empty: entries kept
     /// across a gap could have missed a move.
     pub(crate) fn set_live(&self, live: bool) {
-        self.inner.lock().live = live;
-        self.forget_all();
+        let mut inner = self.inner.lock();
+        inner.live = live;
+        inner.forget_all();
     }
 }
 

@@ -26,6 +26,7 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult, Script};
 use strait_schema::AgentName;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::cache::PresenceCache;
 use super::{Directory, Presence};
@@ -156,16 +157,7 @@ pub struct RedisDirectory {
     scripts: Scripts,
     cache: Arc<PresenceCache>,
     /// Follows presence announcements for `cache`; stopped with the directory.
-    _follower: AbortOnDrop,
-}
-
-/// Stops a background task when its owner goes.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    _follower: AbortOnDropHandle<()>,
 }
 
 impl RedisDirectory {
@@ -193,8 +185,8 @@ impl RedisDirectory {
             .await
             .map_err(|e| Error::Directory(format!("cannot connect to Redis: {e}")))?;
         let cache = Arc::new(PresenceCache::new(PRESENCE_CACHE_TTL));
-        let channel = format!("{prefix}presence-moves");
-        let follower = AbortOnDrop(tokio::spawn(follow_moves(client, channel, Arc::downgrade(&cache))));
+        let channel = moves_channel(&prefix);
+        let follower = AbortOnDropHandle::new(tokio::spawn(follow_moves(client, channel, Arc::downgrade(&cache))));
         Ok(Self {
             conn,
             prefix,
@@ -202,10 +194,6 @@ impl RedisDirectory {
             cache,
             _follower: follower,
         })
-    }
-
-    fn moves_channel(&self) -> String {
-        format!("{}presence-moves", self.prefix)
     }
 
     /// Deletes every key under this directory's prefix and returns how many. For tests and
@@ -262,6 +250,11 @@ impl RedisDirectory {
             Err(e) => Err(failed(what, e)),
         }
     }
+}
+
+/// The channel on which every claim and release of presence under `prefix` is announced.
+fn moves_channel(prefix: &str) -> String {
+    format!("{prefix}presence-moves")
 }
 
 /// Keeps `cache` live while subscribed to `channel`, dropping each announced agent's entry;
@@ -374,7 +367,7 @@ impl Directory for RedisDirectory {
         let presence_key = &self.key("presence", agent.as_str());
         let script = &self.scripts.claim_presence;
         let ms = ttl_ms(ttl);
-        let channel = &self.moves_channel();
+        let channel = &moves_channel(&self.prefix);
         self.run("claim presence", |mut c| async move {
             script
                 .key(epoch_key)
@@ -413,7 +406,7 @@ impl Directory for RedisDirectory {
     async fn release_presence(&self, agent: &AgentName, epoch: u64) -> Result<(), Error> {
         let key = &self.key("presence", agent.as_str());
         let script = &self.scripts.release_presence;
-        let channel = &self.moves_channel();
+        let channel = &moves_channel(&self.prefix);
         let _: i64 = self
             .run("release presence", |mut c| async move {
                 script
@@ -664,7 +657,7 @@ mod tests {
             let cached_at = Instant::now();
             let mut c = caller.conn.clone();
             redis::cmd("PUBLISH")
-                .arg(caller.moves_channel())
+                .arg(moves_channel(&caller.prefix))
                 .arg(&[0xffu8, 0xfe][..])
                 .query_async::<()>(&mut c)
                 .await
