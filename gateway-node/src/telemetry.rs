@@ -14,7 +14,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt};
+use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt, LevelFilter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -50,9 +50,12 @@ struct Export {
 pub fn init(node_id: Option<&str>) -> Result<Telemetry, Error> {
     // Logs see events only: spans exist for export, and formatting their fields for the log would
     // cost an allocation per request even with export off.
+    // The level hint lets every call site above `RUST_LOG`'s level be skipped where it stands,
+    // `log` records of dependencies included, instead of asking the subscriber at each call.
+    let level = env_filter().max_level_hint().unwrap_or(LevelFilter::TRACE);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(env_filter().and(filter_fn(|meta| meta.is_event())));
+        .with_filter(env_filter().and(filter_fn(|meta| meta.is_event()).with_max_level_hint(level)));
     let export = match (node_id, std::env::var_os(OTLP_ENDPOINT_ENV)) {
         (Some(node), Some(endpoint)) if !endpoint.is_empty() => Some(Export::start(node)?),
         _ => None,
