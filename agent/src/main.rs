@@ -9,9 +9,9 @@ use clap::Parser;
 use strait_agent::Settings;
 use tracing_subscriber::EnvFilter;
 
-/// jemalloc, not glibc malloc: a fifth less CPU per small request (each one allocates frames,
-/// buffers and tasks), with the same memory per idle agent and per held stream
-/// (docs/benchmarks.md, "Sixth round").
+/// jemalloc, not glibc malloc: 7-10% less CPU per small request (each one allocates frames,
+/// buffers and tasks), with the same memory per idle agent and per held stream, where mimalloc
+/// tripled it (docs/benchmarks.md, "Sixth round").
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

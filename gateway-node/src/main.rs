@@ -9,9 +9,9 @@ use strait_gateway::store::{now_ms, AgentRecord, PgStore, Route, SqliteStore, St
 use strait_gateway::{telemetry, Listeners, NodeState};
 use strait_schema::{AgentName, AgentToken, Secret};
 
-/// jemalloc, not glibc malloc: a fifth less CPU per small request (each one allocates frames,
-/// buffers and tasks), with the same memory per idle agent and per held stream
-/// (docs/benchmarks.md, "Sixth round").
+/// jemalloc, not glibc malloc: 7-10% less CPU per small request (each one allocates frames,
+/// buffers and tasks), with the same memory per idle agent and per held stream, where mimalloc
+/// tripled it (docs/benchmarks.md, "Sixth round").
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

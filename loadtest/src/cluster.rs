@@ -230,11 +230,13 @@ impl ClusterStack {
         };
         for i in 0..NODES.len() {
             if let Err(e) = crate::load::wait_http(&stack.ingress(i), Duration::from_secs(30)).await {
-                return Err(stack.agent.explain(e));
+                let e = stack.agent.explain(e);
+                return Err(stack.nodes[i].proc.explain(e));
             }
             if let Ok(route) = stack.routes[i] {
                 if let Err(e) = crate::load::wait_tcp(route, Duration::from_secs(30)).await {
-                    return Err(stack.agent.explain(e));
+                    let e = stack.agent.explain(e);
+                    return Err(stack.nodes[i].proc.explain(e));
                 }
             }
         }

@@ -574,7 +574,7 @@ impl StraitStack {
         )
         .await?
         .map(|()| route);
-        let gateway = Gateway::start(bins, Backing::Embedded(&data_dir), dir, "gateway", max_streams).await?;
+        let mut gateway = Gateway::start(bins, Backing::Embedded(&data_dir), dir, "gateway", max_streams).await?;
         let mut agent = start_agent(
             bins,
             &gateway,
@@ -587,12 +587,14 @@ impl StraitStack {
             addr: gateway.http,
             host: format!("{}.localhost", token.agent),
         };
+        // A stack that does not come up says why from both ends: the agent's log and the
+        // gateway's (its warnings: a route it could not listen on, say).
         if let Err(e) = crate::load::wait_http(&http, Duration::from_secs(30)).await {
-            return Err(agent.explain(e));
+            return Err(gateway.proc.explain(agent.explain(e)));
         }
         if let Ok(route) = tcp {
             if let Err(e) = crate::load::wait_tcp(route, Duration::from_secs(30)).await {
-                return Err(agent.explain(e));
+                return Err(gateway.proc.explain(agent.explain(e)));
             }
         }
         Ok(StraitStack {
