@@ -52,10 +52,11 @@ pub fn init(node_id: Option<&str>) -> Result<Telemetry, Error> {
     // cost an allocation per request even with export off.
     // The level hint lets every call site above `RUST_LOG`'s level be skipped where it stands,
     // `log` records of dependencies included, instead of asking the subscriber at each call.
-    let level = env_filter().max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let filter = env_filter();
+    let level = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(env_filter().and(filter_fn(|meta| meta.is_event()).with_max_level_hint(level)));
+        .with_filter(filter.and(filter_fn(|meta| meta.is_event()).with_max_level_hint(level)));
     let export = match (node_id, std::env::var_os(OTLP_ENDPOINT_ENV)) {
         (Some(node), Some(endpoint)) if !endpoint.is_empty() => Some(Export::start(node)?),
         _ => None,
