@@ -55,6 +55,9 @@ pub enum AgentStatus {
     Backoff {
         /// How long.
         delay: Duration,
+        /// Why the last connection or attempt ended (what the log says too), so an operator or
+        /// a test watching the status can tell a lost link from a drain or a refusal.
+        reason: String,
     },
     /// Shut down (or failed to start); nothing runs any more.
     Stopped,
@@ -191,10 +194,10 @@ pub(crate) async fn supervise(
             }
             Err(e) => (backoff.next_delay(), e.to_string()),
         };
-        if !matches!(*status.borrow(), AgentStatus::Refused { .. }) {
-            status.send_replace(AgentStatus::Backoff { delay });
-        }
         tracing::info!("reconnecting in {:.1}s ({why})", delay.as_secs_f64());
+        if !matches!(*status.borrow(), AgentStatus::Refused { .. }) {
+            status.send_replace(AgentStatus::Backoff { delay, reason: why });
+        }
         tokio::select! {
             _ = &mut shutdown => break 'run,
             _ = tokio::time::sleep(delay) => {}

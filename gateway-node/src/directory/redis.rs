@@ -613,8 +613,18 @@ mod tests {
                 assert!(subscribed.elapsed() < Duration::from_secs(5), "never subscribed");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            let before = caller.cache.generation().unwrap();
             let e1 = holder.claim_presence(&alpha, "n1", "i1", ttl).await.unwrap();
             holder.claim_presence(&beta, "n1", "i2", ttl).await.unwrap();
+            // A read that overlaps an announcement is not stored, so let both claims be heard
+            // before the reads that should fill the cache.
+            while caller.cache.generation().unwrap() < before + 2 {
+                assert!(
+                    subscribed.elapsed() < Duration::from_secs(5),
+                    "the claims were not heard"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
             for agent in [&alpha, &beta] {
                 assert!(!caller.presence_cached(agent).await.unwrap().1);
             }

@@ -234,6 +234,24 @@ async fn load_loop(http: reqwest::Client, base: String, w: u64, stop: Arc<Atomic
     t
 }
 
+/// Every status the agent publishes, with when it was seen: why it left a node (the `Backoff`
+/// reason) is what a failed run needs to show.
+fn record_status(agent: &AgentHandle) -> Arc<std::sync::Mutex<Vec<(Instant, strait_agent::AgentStatus)>>> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut rx = agent.status();
+    let out = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let s = rx.borrow_and_update().clone();
+            out.lock().unwrap().push((Instant::now(), s));
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    seen
+}
+
 #[actix_rt::test]
 async fn rolling_restart_behind_haproxy_fails_no_request() {
     let backend = Backend::start().await;
@@ -250,6 +268,7 @@ async fn rolling_restart_behind_haproxy_fails_no_request() {
         let agent = AgentHandle::spawn(cfg);
         let first = agent.connected(Duration::from_secs(20)).await.unwrap();
         println!("agent connected through haproxy to {first}");
+        let history = record_status(&agent);
 
         let http = reqwest::Client::builder()
             .resolve("alpha.localhost", lb.http)
@@ -313,6 +332,10 @@ async fn rolling_restart_behind_haproxy_fails_no_request() {
             println!("  {l}");
         }
         if !total.failed.is_empty() {
+            eprintln!("===== agent status changes =====");
+            for (at, s) in history.lock().unwrap().iter() {
+                eprintln!("  {:>8.3}s {s:?}", at.saturating_duration_since(started).as_secs_f64());
+            }
             for i in 0..c.nodes.len() {
                 eprintln!("===== {} log =====\n{}", c.nodes[i].id, c.log(i));
             }
