@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// A connection that replaced one told to go away, lost sooner than this, is the handover
+/// failing: the agent reconnects at once rather than leave its callers with no node for a
+/// backoff delay. Longer-lived connections back off as usual.
+pub(crate) const HANDOVER_GRACE: Duration = Duration::from_secs(5);
+
 /// First backoff ceiling; doubles per failed attempt up to the configured cap.
 pub(crate) const BASE: Duration = Duration::from_millis(500);
 
@@ -37,6 +42,19 @@ impl Backoff {
     /// The configured cap, used directly after a final refusal.
     pub(crate) fn cap(&self) -> Duration {
         self.cap
+    }
+
+    /// The delay after losing a connection that lived `lived`. `replaced_go_away` says it was
+    /// the replacement dialled after a `GoAway`: while the old connection is still retiring,
+    /// every moment without a new one is a moment no node can reach the agent, so such a loss
+    /// within [`HANDOVER_GRACE`] retries at once. Only the replacement gets that: its own
+    /// replacement backs off, so a node that keeps dropping new connections costs one quick retry.
+    pub(crate) fn after_loss(&mut self, lived: Duration, replaced_go_away: bool) -> Duration {
+        if replaced_go_away && lived < HANDOVER_GRACE {
+            Duration::ZERO
+        } else {
+            self.next_delay()
+        }
     }
 
     /// A random delay below the current ceiling; moves one step up.
@@ -78,6 +96,18 @@ mod tests {
             seen.insert(d.as_millis());
         }
         assert!(seen.len() > 100, "full jitter should spread delays");
+    }
+
+    #[test]
+    fn a_handover_replacement_lost_early_retries_at_once_and_only_that() {
+        let mut b = Backoff::new(Duration::from_secs(30));
+        assert_eq!(b.after_loss(Duration::from_millis(3), true), Duration::ZERO);
+        assert_eq!(b.ceiling(), BASE, "a quick retry takes no backoff step");
+        // Lived past the grace: an ordinary loss, jittered like any other.
+        b.after_loss(HANDOVER_GRACE, true);
+        assert_eq!(b.ceiling(), BASE * 2);
+        b.after_loss(Duration::from_millis(3), false);
+        assert_eq!(b.ceiling(), BASE * 4);
     }
 
     #[test]

@@ -133,6 +133,8 @@ pub(crate) async fn supervise(
     let mut backoff = Backoff::new(shared.cfg.max_backoff);
     let gateways = &shared.cfg.gateways;
     let mut next = 0usize;
+    // The last connection ended with a GoAway, so the next one is its replacement.
+    let mut after_go_away = false;
     tokio::pin!(shutdown);
 
     'run: loop {
@@ -151,6 +153,8 @@ pub(crate) async fn supervise(
                 tracing::info!("connected to gateway node={node_id} url={url}");
                 status.send_replace(AgentStatus::Connected { node_id });
                 welcomed_tx.send_modify(|n| *n += 1);
+                let since = tokio::time::Instant::now();
+                let replaces = std::mem::take(&mut after_go_away);
                 let (go_tx, mut go_rx) = oneshot::channel();
                 let mut conn = tokio::spawn(session::serve(
                     shared.clone(),
@@ -170,6 +174,7 @@ pub(crate) async fn supervise(
                             let exit = conn.await;
                             tracing::debug!(?exit, "retired connection finished");
                         });
+                        after_go_away = true;
                         (Duration::ZERO, format!("gateway sent GoAway: {reason}"))
                     }
                     exit = &mut conn => {
@@ -178,7 +183,15 @@ pub(crate) async fn supervise(
                             Ok(other) => format!("connection ended: {other:?}"),
                             Err(e) => format!("connection task failed: {e}"),
                         };
-                        (backoff.next_delay(), why)
+                        let lived = since.elapsed();
+                        let delay = backoff.after_loss(lived, replaces);
+                        if replaces && delay.is_zero() {
+                            tracing::warn!(
+                                lived_ms = lived.as_millis() as u64,
+                                "the connection that replaced a drained one was lost: {why}"
+                            );
+                        }
+                        (delay, why)
                     }
                 }
             }

@@ -785,6 +785,55 @@ async fn reconnects_after_loss_and_on_go_away_while_old_streams_finish() {
     agent.shutdown().await;
 }
 
+/// The connection dialled after a `GoAway` dies at once (as one did behind HAProxy in a rolling
+/// restart): the agent dials again without a backoff delay, since its old connection is retiring
+/// and no node may reach it meanwhile. A later loss of an established connection backs off.
+#[tokio::test]
+async fn a_replacement_lost_during_handover_is_redialled_at_once() {
+    let (agent, listener, _) = start(&["http://127.0.0.1:9".to_owned()]).await;
+    let (mut old, _) = accept(&listener).await;
+    assert!(matches!(next(&mut old).await, Frame::Hello(_)));
+    send(&mut old, welcome()).await;
+    agent.connected(STEP).await.unwrap();
+    send(
+        &mut old,
+        Frame::GoAway(GoAway {
+            reason: "draining".into(),
+        }),
+    )
+    .await;
+
+    let (mut replacement, _) = accept(&listener).await;
+    assert!(matches!(next(&mut replacement).await, Frame::Hello(_)));
+    // Every status the agent shows from here on: a `Backoff` with a delay lasts that long, so
+    // the watcher sees it.
+    let mut status = agent.status();
+    let delays = tokio::spawn(async move {
+        let mut delays = Vec::new();
+        while status.changed().await.is_ok() {
+            if let AgentStatus::Backoff { delay, reason } = &*status.borrow_and_update() {
+                delays.push((*delay, reason.clone()));
+            }
+        }
+        delays
+    });
+    send(&mut replacement, welcome()).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(replacement);
+
+    let (mut third, _) = accept(&listener).await;
+    assert!(matches!(next(&mut third).await, Frame::Hello(_)));
+    send(&mut third, welcome()).await;
+    agent.connected(STEP).await.unwrap();
+    drop(old);
+    agent.kill();
+    let delays = delays.await.unwrap();
+    assert!(
+        delays.iter().all(|(d, _)| d.is_zero()),
+        "the lost replacement waited: {delays:?}"
+    );
+}
+
 #[tokio::test]
 async fn shutdown_refuses_new_streams_and_drains_in_flight_ones() {
     let http = http_upstream().await;
