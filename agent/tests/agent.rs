@@ -818,7 +818,8 @@ async fn a_replacement_lost_during_handover_is_redialled_at_once() {
         delays
     });
     send(&mut replacement, welcome()).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Lost after its Welcome (before it, the handshake failed: that backs off).
+    agent.connected(STEP).await.unwrap();
     drop(replacement);
 
     let (mut third, _) = accept(&listener).await;
