@@ -183,15 +183,7 @@ pub(crate) async fn supervise(
                             Ok(other) => format!("connection ended: {other:?}"),
                             Err(e) => format!("connection task failed: {e}"),
                         };
-                        let lived = since.elapsed();
-                        let delay = backoff.after_loss(lived, replaces);
-                        if replaces && delay.is_zero() {
-                            tracing::warn!(
-                                lived_ms = lived.as_millis() as u64,
-                                "the connection that replaced a drained one was lost: {why}"
-                            );
-                        }
-                        (delay, why)
+                        (backoff.after_loss(since.elapsed(), replaces), why)
                     }
                 }
             }

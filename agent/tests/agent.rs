@@ -47,6 +47,13 @@ fn seeded(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| ((i % 251) as u8).wrapping_add(seed)).collect()
 }
 
+/// What a draining node sends each of its agents.
+fn go_away() -> Frame {
+    Frame::GoAway(GoAway {
+        reason: "draining".into(),
+    })
+}
+
 fn welcome() -> Frame {
     Frame::Welcome(Welcome {
         node_id: "node-test".into(),
@@ -738,13 +745,7 @@ async fn reconnects_after_loss_and_on_go_away_while_old_streams_finish() {
     let Frame::ResponseHead(_) = next(&mut ws).await else {
         panic!()
     };
-    send(
-        &mut ws,
-        Frame::GoAway(GoAway {
-            reason: "draining".into(),
-        }),
-    )
-    .await;
+    send(&mut ws, go_away()).await;
     let (mut ws2, _) = accept(&listener).await;
     assert!(matches!(next(&mut ws2).await, Frame::Hello(_)));
     send(&mut ws2, welcome()).await;
@@ -787,7 +788,8 @@ async fn reconnects_after_loss_and_on_go_away_while_old_streams_finish() {
 
 /// The connection dialled after a `GoAway` dies at once (as one did behind HAProxy in a rolling
 /// restart): the agent dials again without a backoff delay, since its old connection is retiring
-/// and no node may reach it meanwhile. A later loss of an established connection backs off.
+/// and no node may reach it meanwhile. (That a longer-lived or later loss still backs off is
+/// `backoff`'s unit test.)
 #[tokio::test]
 async fn a_replacement_lost_during_handover_is_redialled_at_once() {
     let (agent, listener, _) = start(&["http://127.0.0.1:9".to_owned()]).await;
@@ -795,13 +797,7 @@ async fn a_replacement_lost_during_handover_is_redialled_at_once() {
     assert!(matches!(next(&mut old).await, Frame::Hello(_)));
     send(&mut old, welcome()).await;
     agent.connected(STEP).await.unwrap();
-    send(
-        &mut old,
-        Frame::GoAway(GoAway {
-            reason: "draining".into(),
-        }),
-    )
-    .await;
+    send(&mut old, go_away()).await;
 
     let (mut replacement, _) = accept(&listener).await;
     assert!(matches!(next(&mut replacement).await, Frame::Hello(_)));
