@@ -315,15 +315,19 @@ impl Publisher {
         }
     }
 
-    /// Seals every open batch that is due: its destination is idle (nothing to wait for, so
-    /// lingering would only add latency) or it has lingered long enough.
+    /// Seals every open batch that is due: a small one whose destination is idle (nothing to
+    /// wait for, so lingering would only add latency), or any that has lingered long enough. A
+    /// bulk one (`bulk_batch_bytes`) waits for its linger or to fill up even when the
+    /// destination is idle, since the next frames of its byte stream are usually on their way.
     fn seal_due(&mut self, now: Instant) {
         let linger = self.cfg.linger;
+        let bulk = self.cfg.bulk_batch_bytes;
         let due: Vec<String> = self
             .open
             .iter()
             .filter(|(to, o)| {
-                self.pending.get(*to).copied().unwrap_or(0) == 0 || now.duration_since(o.opened) >= linger
+                let idle = self.pending.get(*to).copied().unwrap_or(0) == 0;
+                (idle && o.batch.len_bytes() < bulk) || now.duration_since(o.opened) >= linger
             })
             .map(|(to, _)| to.clone())
             .collect();

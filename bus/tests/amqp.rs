@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use strait_bus::{delete_stream, AmqpBus, Bus, BusConfig, Error, MemoryOffsets, OffsetStore};
-use strait_schema::{encode_envelope, AgentName, BusEnvelope, Frame, Ping};
+use strait_schema::{encode_envelope, AgentName, BusEnvelope, Data, Frame, Ping, StreamId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -219,6 +219,71 @@ async fn ten_thousand_envelopes_arrive_in_order_exactly_once_in_few_batches() {
     assert_eq!(sb.envelopes_delivered, 10_000);
     assert_eq!(sb.duplicates_dropped, 0);
     assert_eq!(sb.malformed_dropped, 0);
+}
+
+/// A byte stream's envelope of `len` payload bytes to node `to`.
+fn bulk(to: &str, len: usize) -> BusEnvelope {
+    BusEnvelope {
+        frame: Frame::Data(Data {
+            stream: StreamId::random(),
+            bytes: vec![7u8; len].into(),
+        }),
+        ..env(to, 0)
+    }
+}
+
+/// Bulk envelopes wait for company even when their destination is idle (one AMQP message per
+/// 64 KiB frame is what capped byte streams across nodes), while a small one to an idle node
+/// still goes at once, and a full batch never waits out the linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_envelopes_linger_into_one_batch_while_small_ones_go_at_once() {
+    const LINGER: Duration = Duration::from_secs(3);
+    let prefix = unique_prefix("bulk-linger");
+    let mut cleanup = Cleanup::new(&prefix, &["a", "b"]);
+    let mut cfg = config(&prefix, "a");
+    cfg.linger = LINGER;
+    cfg.bulk_batch_bytes = 16 << 10;
+    cfg.max_batch_bytes = 128 << 10;
+    let a = AmqpBus::connect(&broker_url(), cfg, memory()).await.unwrap();
+    cleanup.track(&a);
+    let b = connect(&prefix, "b", memory()).await;
+    cleanup.track(&b);
+    let mut rx = b.subscribe("b").await.unwrap();
+
+    let started = Instant::now();
+    a.publish(env("b", 1)).await.unwrap();
+    recv_n(&mut rx, 1).await;
+    assert!(started.elapsed() < LINGER, "a small envelope to an idle node lingered");
+    a.flush().await.unwrap();
+    let batches = a.stats_snapshot().batches_published;
+
+    // Two bulk envelopes 100 ms apart, the destination idle all along: one batch, after the linger.
+    let started = Instant::now();
+    a.publish(bulk("b", 20 << 10)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.publish(bulk("b", 20 << 10)).await.unwrap();
+    recv_n(&mut rx, 2).await;
+    assert!(
+        started.elapsed() >= LINGER,
+        "a bulk batch went before it was full or had lingered"
+    );
+    assert_eq!(
+        a.stats_snapshot().batches_published,
+        batches + 1,
+        "bulk envelopes were not batched"
+    );
+
+    // Enough bulk to fill a batch: the full one goes at once, the rest lingers.
+    let started = Instant::now();
+    for _ in 0..7 {
+        a.publish(bulk("b", 20 << 10)).await.unwrap();
+    }
+    recv_n(&mut rx, 6).await;
+    assert!(started.elapsed() < LINGER, "a full batch waited for the linger");
+    recv_n(&mut rx, 1).await;
+    assert!(started.elapsed() >= LINGER, "the remainder went before it had lingered");
+    assert_eq!(a.stats_snapshot().batches_published, batches + 3);
+    assert_quiet(&mut rx).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

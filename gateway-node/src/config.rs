@@ -10,11 +10,11 @@ use strait_schema::WireLimits;
 use crate::error::Error;
 
 /// Per-stream credit window unless configured. A stream moves at most one window per round trip,
-/// and across nodes that trip runs through the bus (~3 ms under load here): 512 KiB keeps one
-/// cross-node byte stream above 100 MB/s where 256 KiB gave ~90, and costs nothing on one node,
-/// where 1 MiB slowed uploads by ~12% (docs/benchmarks.md). It is also the most a stalled reader
-/// can hold per stream.
-pub const DEFAULT_STREAM_WINDOW: u32 = 512 << 10;
+/// and across nodes that trip runs through the bus (~3-7 ms under load here): 1 MiB keeps one
+/// cross-node byte stream above 100 MB/s where 512 KiB gave ~90 once the bus batched bulk data,
+/// and on one node it moved as much as 512 KiB or more (docs/benchmarks.md, eighth round). It is
+/// also the most a stalled reader can hold per stream.
+pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
 
 /// Where durable state lives; shared by `serve` and the admin subcommands.
 #[derive(Debug, Clone, clap::Args)]
