@@ -96,14 +96,6 @@ fn gateway() -> Command {
     Command::new(env!("CARGO_BIN_EXE_strait-gateway"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[actix_rt::test]
 async fn the_command_line_manages_agents_and_a_real_process_serves_them() {
     let backend = Backend::start().await;
@@ -133,7 +125,12 @@ async fn the_command_line_manages_agents_and_a_real_process_serves_them() {
         .unwrap();
     assert!(!bad.status.success());
 
-    let (agent_port, http_port, ops_port, api_port) = (free_port(), free_port(), free_port(), free_port());
+    let (agent_port, http_port, ops_port, api_port) = (
+        free_addr().port(),
+        free_addr().port(),
+        free_addr().port(),
+        free_addr().port(),
+    );
     let spawn = || {
         gateway()
             .args(["serve", "--data-dir", data, "--heartbeat-ms", "200"])
@@ -177,7 +174,7 @@ async fn the_command_line_manages_agents_and_a_real_process_serves_them() {
     );
 
     // A TCP route added through the CLI while the node runs is served within a second or so.
-    let route_port = free_port();
+    let route_port = free_addr().port();
     let route = format!("127.0.0.1:{route_port}");
     let out = gateway()
         .args([
@@ -296,7 +293,12 @@ async fn a_gibibyte_each_way_leaves_the_gateway_rss_flat() {
         .unwrap();
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let token = AgentToken::parse(j["token"].as_str().unwrap()).unwrap();
-    let (agent_port, http_port, ops_port, api_port) = (free_port(), free_port(), free_port(), free_port());
+    let (agent_port, http_port, ops_port, api_port) = (
+        free_addr().port(),
+        free_addr().port(),
+        free_addr().port(),
+        free_addr().port(),
+    );
     let mut proc = gateway()
         .args(["serve", "--data-dir", data])
         .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])

@@ -12,16 +12,11 @@ use strait_gateway::store::postgres::testing::TempDatabase;
 use strait_gateway::store::{PgStore, Store};
 use strait_schema::{AgentName, AgentToken};
 
+use crate::harness::free_addr;
+
 pub const REDIS: &str = "redis://127.0.0.1:6379/";
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// One gateway process and its addresses (kept across restarts).
 pub struct ProcNode {

@@ -16,13 +16,6 @@ use crate::procs::ProcCluster;
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// HAProxy as a child process (`-db`: foreground, logging to stderr), killed when dropped, so a
 /// failing test leaves no load balancer behind.
 struct Haproxy {
