@@ -11,6 +11,7 @@ pub mod ingress;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+pub mod ports;
 pub mod session;
 pub mod store;
 pub mod tcp;

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -96,10 +96,10 @@ pub fn which(name: &str) -> Option<PathBuf> {
     })
 }
 
-/// A free loopback port (bound, read, released; the window for a race is tiny on loopback).
+/// A free loopback address for a child to listen on (see `strait_gateway::ports`: below the
+/// ephemeral range, so no outgoing connection takes it before the child binds it).
 pub fn free_addr() -> Result<SocketAddr, Error> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(Error::io("binding a free port"))?;
-    l.local_addr().map_err(Error::io("reading a free port"))
+    strait_gateway::ports::free_loopback_addr().map_err(Error::io("finding a free loopback port"))
 }
 
 /// Raises this process's open-file limit to its hard limit, before any child is spawned, so the

@@ -19,39 +19,9 @@ use tokio::net::TcpListener;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
-/// A loopback address for a child process to listen on, bindable now and never handed out
-/// twice by this test binary.
-///
-/// Chosen below the kernel's ephemeral range: a port from `bind(0)` is free only until the child
-/// binds it, and in that gap any outgoing connection of a parallel test may take it as its local
-/// port (seen in CI: "Address already in use" from a node). Outgoing connections never use ports
-/// below that range, so only another listener could collide there, and it would have been
-/// refused by the bind check.
+/// A free loopback address for a child listener (see `strait_gateway::ports`).
 pub fn free_addr() -> SocketAddr {
-    use std::collections::HashSet;
-    use std::sync::{Mutex, OnceLock};
-    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let mut given = GIVEN.get_or_init(Default::default).lock().unwrap();
-    if ephemeral_start > 11_000 {
-        for _ in 0..1000 {
-            let port = rand::random_range(10_000..ephemeral_start);
-            if given.contains(&port) {
-                continue;
-            }
-            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-                given.insert(port);
-                return l.local_addr().unwrap();
-            }
-        }
-    }
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    strait_gateway::ports::free_loopback_addr().expect("a free loopback port")
 }
 
 /// Polls `f` until it returns true or `within` passes.
@@ -544,10 +514,7 @@ impl TestNode {
     /// Stores a TCP route, pinned to this node, on a free loopback port to `agent`/`service`, and
     /// waits until it listens.
     pub async fn route(&self, agent: &str, service: &str) -> SocketAddr {
-        let listen = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let listen = free_addr();
         self.state
             .store
             .add_route(strait_gateway::store::Route {

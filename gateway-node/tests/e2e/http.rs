@@ -267,11 +267,7 @@ async fn slow_backend_is_504_timeout() {
 #[actix_rt::test]
 async fn local_service_refused_is_502_with_reason() {
     // Bind then drop, so nothing listens on the port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_addr().port();
     let node = TestNode::embedded().await;
     let _agent = node.connect_agent("alpha", &format!("http://127.0.0.1:{port}")).await;
     let res = node
