@@ -15,10 +15,7 @@ use std::sync::{Mutex, OnceLock};
 /// check here would have seen it. Falls back to `bind(0)` when the range leaves no room below.
 pub fn free_loopback_addr() -> std::io::Result<SocketAddr> {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
+    let ephemeral_start = ephemeral_start();
     let mut given = GIVEN
         .get_or_init(Default::default)
         .lock()
@@ -36,4 +33,36 @@ pub fn free_loopback_addr() -> std::io::Result<SocketAddr> {
         }
     }
     TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// The first port the kernel hands to outgoing connections (Linux's default when unreadable).
+fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ephemeral_start = ephemeral_start();
+        let mut seen = HashSet::new();
+        for _ in 0..200 {
+            let addr = free_loopback_addr().unwrap();
+            assert!(addr.ip().is_loopback());
+            assert!(seen.insert(addr.port()), "port {} handed out twice", addr.port());
+            if ephemeral_start > 11_000 {
+                assert!(
+                    (10_000..ephemeral_start).contains(&addr.port()),
+                    "{addr} not below {ephemeral_start}"
+                );
+            }
+            // Free when handed out: a child can bind it.
+            drop(TcpListener::bind(addr).unwrap());
+        }
+    }
 }
