@@ -188,7 +188,8 @@ impl NodeConfig {
             clock_skew: Duration::from_secs(60),
             limits: WireLimits {
                 max_frame_bytes: 1 << 20,
-                max_data_bytes: 64 << 10,
+                // A quarter of the default window: bulk is bound by per-frame costs, not bytes.
+                max_data_bytes: 256 << 10,
                 stream_window: DEFAULT_STREAM_WINDOW,
                 max_streams: 1024,
             },
