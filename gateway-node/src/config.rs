@@ -16,6 +16,9 @@ use crate::error::Error;
 /// also the most a stalled reader can hold per stream.
 pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
 
+/// Below this a window moves a few packets per credit round trip: a stream that crawls.
+pub const MIN_STREAM_WINDOW: u32 = 16 << 10;
+
 /// Where durable state lives; shared by `serve` and the admin subcommands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreArgs {
@@ -247,12 +250,13 @@ impl NodeConfig {
         cfg.heartbeat = Duration::from_millis(u64::from(a.heartbeat_ms));
         cfg.head_timeout = Duration::from_secs(a.head_timeout_secs.max(1));
         cfg.clock_skew = Duration::from_secs(a.clock_skew_secs.max(1));
-        if a.stream_window < cfg.limits.max_data_bytes {
+        if a.stream_window < MIN_STREAM_WINDOW {
             return Err(Error::Config(format!(
-                "--stream-window must be at least {} bytes",
-                cfg.limits.max_data_bytes
+                "--stream-window must be at least {MIN_STREAM_WINDOW} bytes"
             )));
         }
+        // A frame never exceeds the window it must fit in: a small window means smaller frames.
+        cfg.limits.max_data_bytes = cfg.limits.max_data_bytes.min(a.stream_window);
         cfg.limits.stream_window = a.stream_window;
         cfg.limits.max_streams = a.max_streams.max(1);
         cfg.idle_timeout = (a.idle_timeout_secs > 0).then(|| Duration::from_secs(a.idle_timeout_secs));
@@ -267,4 +271,39 @@ impl NodeConfig {
 /// `node-` plus 8 random hex digits.
 pub fn random_node_id() -> String {
     format!("node-{:08x}", rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<NodeConfig, Error> {
+        let cli = Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).expect("flags parse");
+        NodeConfig::from_args(&cli.serve)
+    }
+
+    /// A window smaller than the default frame shrinks the frames to it instead of refusing it;
+    /// a window too small to move data is refused with the flag's name.
+    #[test]
+    fn the_stream_window_bounds_data_frames() {
+        let dflt = config(&[]).expect("defaults are valid");
+        assert_eq!(dflt.limits.stream_window, DEFAULT_STREAM_WINDOW);
+        assert_eq!(dflt.limits.max_data_bytes, DEFAULT_STREAM_WINDOW / 4);
+
+        let small = config(&["--stream-window", "65536"]).expect("a 64 KiB window is valid");
+        assert_eq!(small.limits.stream_window, 65536);
+        assert_eq!(small.limits.max_data_bytes, 65536);
+
+        let Err(Error::Config(why)) = config(&["--stream-window", "4096"]) else {
+            panic!("a 4 KiB window must be refused");
+        };
+        assert!(why.contains("--stream-window"), "{why}");
+    }
 }
