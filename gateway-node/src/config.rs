@@ -191,8 +191,9 @@ impl NodeConfig {
             clock_skew: Duration::from_secs(60),
             limits: WireLimits {
                 max_frame_bytes: 1 << 20,
-                // A quarter of the default window: bulk is bound by per-frame costs, not bytes.
-                max_data_bytes: 256 << 10,
+                // 256 KiB: bulk is bound by per-frame costs, not bytes, and four frames in flight
+                // keep a stream moving while credit returns.
+                max_data_bytes: DEFAULT_STREAM_WINDOW / 4,
                 stream_window: DEFAULT_STREAM_WINDOW,
                 max_streams: 1024,
             },
