@@ -194,7 +194,7 @@ pub async fn open_stream(
     open: OpenStream,
 ) -> Result<StreamGrant, (ErrorCode, String)> {
     match target {
-        Target::Local(s) => s.streams.open(open, &s.link, node.cfg.limits),
+        Target::Local(s) => s.streams.open(open, &s.link, node.cfg.limits, &node.windows),
         Target::Remote { node: to, epoch } => {
             node.remote.map.lock().insert(
                 open.id,
@@ -211,6 +211,7 @@ pub async fn open_stream(
                     node.cfg.limits.stream_window,
                 ))),
                 closer: StreamCloser::Remote(node.clone()),
+                windows: node.windows.clone(),
             })
         }
     }

@@ -13,8 +13,13 @@ use crate::error::Error;
 /// and across nodes that trip runs through the bus (~3-7 ms under load here): 1 MiB keeps one
 /// cross-node byte stream above 100 MB/s where 512 KiB gave ~90 once the bus batched bulk data,
 /// and on one node it moved as much as 512 KiB or more (docs/benchmarks.md, eighth round). It is
-/// also the most a stalled reader can hold per stream.
+/// also the most a stalled reader can hold per stream, unless its window grew first (below).
 pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
+
+/// Bytes a node lends to windows that grow (`crate::window`): 64 MiB lets 21 streams at a time
+/// run at four times the default window, while everything a node's streams can hold stays one
+/// window each plus this.
+pub const DEFAULT_WINDOW_POOL: u64 = 64 << 20;
 
 /// Below this a window moves a few packets per credit round trip: a stream that crawls.
 pub const MIN_STREAM_WINDOW: u32 = 16 << 10;
@@ -76,6 +81,10 @@ pub struct ServeArgs {
     /// Per-stream flow-control window, bytes.
     #[arg(long, env = "STRAIT_STREAM_WINDOW", default_value_t = DEFAULT_STREAM_WINDOW)]
     pub stream_window: u32,
+    /// Bytes the node may lend to stream windows that grow because their caller keeps up (up to
+    /// four times `--stream-window` each); 0 keeps every window at `--stream-window`.
+    #[arg(long, env = "STRAIT_WINDOW_POOL", default_value_t = DEFAULT_WINDOW_POOL)]
+    pub window_pool: u64,
     /// Most streams open at once per agent.
     #[arg(long, env = "STRAIT_MAX_STREAMS", default_value_t = 1024)]
     pub max_streams: u32,
@@ -156,6 +165,8 @@ pub struct NodeConfig {
     pub clock_skew: Duration,
     /// Limits announced to agents.
     pub limits: WireLimits,
+    /// Bytes lent to grown receive windows, node-wide (`crate::window`).
+    pub window_pool: u64,
     /// How often the node checks the store for revoked agents to drop.
     pub revocation_poll: Duration,
     /// Worker threads per server.
@@ -197,6 +208,7 @@ impl NodeConfig {
                 stream_window: DEFAULT_STREAM_WINDOW,
                 max_streams: 1024,
             },
+            window_pool: DEFAULT_WINDOW_POOL,
             revocation_poll: Duration::from_secs(2),
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             idle_timeout: Some(Duration::from_secs(300)),
@@ -260,6 +272,7 @@ impl NodeConfig {
         cfg.limits.max_data_bytes = cfg.limits.max_data_bytes.min(a.stream_window);
         cfg.limits.stream_window = a.stream_window;
         cfg.limits.max_streams = a.max_streams.max(1);
+        cfg.window_pool = a.window_pool;
         cfg.idle_timeout = (a.idle_timeout_secs > 0).then(|| Duration::from_secs(a.idle_timeout_secs));
         cfg.stream_quota = (a.stream_quota_bytes > 0).then_some(a.stream_quota_bytes);
         if let Some(w) = a.workers {

@@ -2,6 +2,7 @@
 //! request-body pump and its send credit, and the cleanup that tells the agent when the caller
 //! is gone.
 
+use crate::window::Window;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -210,13 +211,14 @@ impl Handler<CallerGone> for InFlight {
 }
 
 /// Returns credit to the agent as bytes it sent are consumed by the caller, in batches of a
-/// quarter window so credit frames stay few.
+/// quarter window so credit frames stay few, and grows the window while the caller keeps up
+/// ([`Window`]).
 pub struct CreditReturner {
     link: AgentLink,
     id: StreamId,
     granted: Arc<AtomicU64>,
     pending: u32,
-    threshold: u32,
+    window: Window,
 }
 
 impl CreditReturner {
@@ -227,15 +229,16 @@ impl CreditReturner {
             id,
             granted: grant.granted.clone(),
             pending: 0,
-            threshold: (grant.limits.stream_window / 4).max(1),
+            window: Window::new(grant.windows.clone(), grant.limits.stream_window),
         }
     }
 
-    /// Records `n` bytes consumed; sends a `Credit` once a batch is due.
-    pub fn consumed(&mut self, n: usize) {
+    /// Records `n` bytes consumed; sends a `Credit` once a batch is due. `caught_up`: nothing
+    /// more from the agent is waiting for the caller.
+    pub fn consumed(&mut self, n: usize, caught_up: bool) {
         self.pending = self.pending.saturating_add(n as u32);
-        if self.pending >= self.threshold {
-            let n = std::mem::take(&mut self.pending);
+        if self.pending >= (self.window.size() / 4).max(1) {
+            let n = std::mem::take(&mut self.pending).saturating_add(self.window.grow_if(caught_up));
             // Count the grant before sending it, so the session never sees data beyond it.
             self.granted.fetch_add(u64::from(n), Ordering::AcqRel);
             self.link.send(&Frame::Credit(Credit {
@@ -281,7 +284,8 @@ impl Stream for TunnelBody {
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(BodyEvent::Data(b))) => {
-                self.credit.consumed(b.len());
+                let caught_up = self.rx.is_empty();
+                self.credit.consumed(b.len(), caught_up);
                 Poll::Ready(Some(Ok(b)))
             }
             Poll::Ready(Some(BodyEvent::Fin)) => {

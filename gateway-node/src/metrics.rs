@@ -36,6 +36,10 @@ pub struct Metrics {
     pub presence_from_cache: IntCounter,
     /// See `presence_from_cache`.
     pub presence_from_directory: IntCounter,
+    /// Receive windows grown because their caller kept up (`strait_stream_windows_grown_total`).
+    pub windows_grown: IntCounter,
+    /// Bytes of the node's window pool lent to grown windows now.
+    pub window_bytes_lent: IntGauge,
 }
 
 impl Metrics {
@@ -70,6 +74,16 @@ impl Metrics {
             "Presence lookups of agents not on this node, by source",
             "source",
         );
+        let windows_grown = IntCounter::new(
+            "strait_stream_windows_grown_total",
+            "Stream receive windows doubled because their caller kept up",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let window_bytes_lent = IntGauge::new(
+            "strait_stream_window_lent_bytes",
+            "Bytes of the node's window pool lent to grown stream windows",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
         for c in [
             Box::new(agents_connected.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(handshakes.clone()),
@@ -81,6 +95,8 @@ impl Metrics {
             Box::new(streams.clone()),
             Box::new(bus.clone()),
             Box::new(presence_lookups.clone()),
+            Box::new(windows_grown.clone()),
+            Box::new(window_bytes_lent.clone()),
         ] {
             // Names are distinct constants, so registration cannot collide.
             let _ = registry.register(c);
@@ -98,6 +114,8 @@ impl Metrics {
             bus,
             presence_from_cache: presence_lookups.with_label_values(&["cache"]),
             presence_from_directory: presence_lookups.with_label_values(&["directory"]),
+            windows_grown,
+            window_bytes_lent,
         }
     }
 

@@ -1,5 +1,6 @@
 //! One gateway node: its shared state, its listeners, and the servers on them.
 
+use crate::window::WindowPool;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::TcpListener;
@@ -136,6 +137,8 @@ pub struct NodeState {
     pub remote: RemoteStreams,
     /// Sends envelopes to other nodes.
     pub bus_out: BusOut,
+    /// What receive windows of streams opened here may grow by.
+    pub windows: Arc<WindowPool>,
     bus_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<strait_schema::BusEnvelope>>>,
 }
 
@@ -173,6 +176,11 @@ impl NodeState {
         let (bus_out, bus_rx) = BusOut::new(&cfg.node_id);
         let metrics = Metrics::new();
         metrics.watch_bus(bus.clone());
+        let windows = Arc::new(WindowPool::new(
+            cfg.window_pool,
+            metrics.windows_grown.clone(),
+            metrics.window_bytes_lent.clone(),
+        ));
         Arc::new(NodeState {
             cfg,
             store,
@@ -183,6 +191,7 @@ impl NodeState {
             phase,
             remote: RemoteStreams::default(),
             bus_out,
+            windows,
             bus_rx: parking_lot::Mutex::new(Some(bus_rx)),
         })
     }

@@ -1,6 +1,7 @@
 //! Per-agent connection actor: owns one agent WebSocket and everything that dies with it — the
 //! handshake, heartbeats, the agent's open streams and their receive-side credit accounting.
 
+use crate::window::WindowPool;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -172,6 +173,8 @@ pub struct StreamGrant {
     pub granted: Arc<AtomicU64>,
     /// How the owner lets go of the stream.
     pub closer: StreamCloser,
+    /// What the stream's receive window may grow by.
+    pub windows: Arc<WindowPool>,
 }
 
 /// A new stream for an agent's session to register; the caller then sends the head itself.
@@ -337,6 +340,7 @@ impl StreamTable {
         open: OpenStream,
         link: &AgentLink,
         limits: WireLimits,
+        windows: &Arc<WindowPool>,
     ) -> Result<StreamGrant, (ErrorCode, String)> {
         let granted = Arc::new(AtomicU64::new(u64::from(limits.stream_window)));
         let mut t = self.inner.lock();
@@ -358,6 +362,7 @@ impl StreamTable {
             limits,
             granted,
             closer: StreamCloser::Local(self.clone()),
+            windows: windows.clone(),
         })
     }
 
@@ -1047,6 +1052,8 @@ mod tests {
         let table = Arc::new(StreamTable::default());
         let (tx, _rx) = mpsc::unbounded_channel();
         let link = AgentLink::Local(tx);
+        let m = crate::metrics::Metrics::new();
+        let windows = Arc::new(WindowPool::new(0, m.windows_grown.clone(), m.window_bytes_lent.clone()));
         let limits = WireLimits {
             max_frame_bytes: 1 << 20,
             max_data_bytes: 64 << 10,
@@ -1061,27 +1068,33 @@ mod tests {
         };
         let refusal = |r: Result<StreamGrant, (ErrorCode, String)>| r.err().expect("open should be refused");
 
-        let (code, why) = refusal(table.open(open(1), &link, limits));
+        let (code, why) = refusal(table.open(open(1), &link, limits, &windows));
         assert_eq!(
             (code, why.as_str()),
             (ErrorCode::AgentUnavailable, "agent is disconnecting")
         );
 
         table.inner.lock().accepting = true;
-        assert!(table.open(open(1), &link, limits).is_ok());
-        let (code, why) = refusal(table.open(open(2), &link, limits));
+        assert!(table.open(open(1), &link, limits, &windows).is_ok());
+        let (code, why) = refusal(table.open(open(2), &link, limits, &windows));
         assert_eq!(code, ErrorCode::TooManyStreams);
         assert!(why.contains("1 streams open"), "{why}");
         let wide = WireLimits {
             max_streams: 8,
             ..limits
         };
-        assert_eq!(refusal(table.open(open(1), &link, wide)).0, ErrorCode::Internal);
+        assert_eq!(
+            refusal(table.open(open(1), &link, wide, &windows)).0,
+            ErrorCode::Internal
+        );
 
         table.close(StreamId(1));
-        assert!(table.open(open(2), &link, limits).is_ok());
+        assert!(table.open(open(2), &link, limits, &windows).is_ok());
         // The session starts closing: a caller that still holds its reference is refused.
         table.inner.lock().accepting = false;
-        assert_eq!(refusal(table.open(open(3), &link, wide)).0, ErrorCode::AgentUnavailable);
+        assert_eq!(
+            refusal(table.open(open(3), &link, wide, &windows)).0,
+            ErrorCode::AgentUnavailable
+        );
     }
 }

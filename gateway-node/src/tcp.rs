@@ -343,7 +343,7 @@ impl Handler<Pump> for RawStream {
                             return;
                         }
                         activity.store(now_ms(), Ordering::Relaxed);
-                        credit_back.consumed(b.len());
+                        credit_back.consumed(b.len(), rx.is_empty());
                     }
                     BodyEvent::Fin => {
                         // Half-close towards the caller; this direction is done.

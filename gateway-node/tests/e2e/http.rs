@@ -350,3 +350,40 @@ async fn each_listener_serves_only_its_own_side() {
     let res = agent_side.get(url("/v1/connect")).send().await.unwrap();
     assert_eq!(res.status(), 400);
 }
+
+/// A caller that keeps up gets a bigger window (a stream moves one window per credit round
+/// trip), lent from the node's pool and given back when the stream ends; with no pool, windows
+/// stay as configured.
+#[actix_rt::test]
+async fn a_fast_callers_window_grows_from_the_pool_and_is_given_back() {
+    let backend = Backend::start().await;
+    for (pool, grows) in [(3u64 << 20, true), (0, false)] {
+        let node = TestNode::with(|c| c.window_pool = pool).await;
+        let _agent = node.connect_agent("alpha", &backend.url()).await;
+        let c = node.client(&["alpha"]);
+        let res = c
+            .get(node.url("alpha", &format!("/bytes/{}?seed=9", 64 << 20)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(check_pattern(res, 9).await, 64 << 20);
+        let text = node.metrics().await;
+        let grown = metric_value(&text, "strait_stream_windows_grown_total");
+        if grows {
+            // 1 MiB -> 2 MiB -> 4 MiB, the most one stream may have.
+            assert_eq!(grown, 2, "window growth with a {pool}-byte pool");
+        } else {
+            assert_eq!(grown, 0, "no pool, no growth");
+        }
+        // The stream is over, so what it borrowed is back in the pool.
+        let mut lent = u64::MAX;
+        for _ in 0..50 {
+            lent = metric_value(&node.metrics().await, "strait_stream_window_lent_bytes");
+            if lent == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(lent, 0, "window bytes still lent after the stream ended");
+    }
+}
