@@ -320,4 +320,10 @@ mod tests {
         };
         assert!(why.contains("--stream-window"), "{why}");
     }
+
+    #[test]
+    fn the_window_pool_defaults_to_64_mib_and_zero_turns_growth_off() {
+        assert_eq!(config(&[]).expect("defaults").window_pool, 64 << 20);
+        assert_eq!(config(&["--window-pool", "0"]).expect("0 is valid").window_pool, 0);
+    }
 }

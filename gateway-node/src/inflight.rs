@@ -2,12 +2,12 @@
 //! request-body pump and its send credit, and the cleanup that tells the agent when the caller
 //! is gone.
 
-use crate::window::Window;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
+use strait_schema::window::Window;
 
 use actix::prelude::*;
 use bytes::Bytes;

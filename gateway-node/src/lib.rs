@@ -16,7 +16,6 @@ pub mod session;
 pub mod store;
 pub mod tcp;
 pub mod telemetry;
-pub mod window;
 
 pub use config::{Backends, NodeConfig, ServeArgs, StoreArgs};
 pub use error::Error;

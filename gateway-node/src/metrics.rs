@@ -7,6 +7,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use strait_bus::Bus;
+use strait_schema::window::WindowPool;
 
 /// The node's metrics, registered once at start.
 #[derive(Clone)]
@@ -36,10 +37,6 @@ pub struct Metrics {
     pub presence_from_cache: IntCounter,
     /// See `presence_from_cache`.
     pub presence_from_directory: IntCounter,
-    /// Receive windows grown because their caller kept up (`strait_stream_windows_grown_total`).
-    pub windows_grown: IntCounter,
-    /// Bytes of the node's window pool lent to grown windows now.
-    pub window_bytes_lent: IntGauge,
 }
 
 impl Metrics {
@@ -74,16 +71,6 @@ impl Metrics {
             "Presence lookups of agents not on this node, by source",
             "source",
         );
-        let windows_grown = IntCounter::new(
-            "strait_stream_windows_grown_total",
-            "Stream receive windows doubled because their caller kept up",
-        )
-        .unwrap_or_else(|_| unreachable_metric());
-        let window_bytes_lent = IntGauge::new(
-            "strait_stream_window_lent_bytes",
-            "Bytes of the node's window pool lent to grown stream windows",
-        )
-        .unwrap_or_else(|_| unreachable_metric());
         for c in [
             Box::new(agents_connected.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(handshakes.clone()),
@@ -95,8 +82,6 @@ impl Metrics {
             Box::new(streams.clone()),
             Box::new(bus.clone()),
             Box::new(presence_lookups.clone()),
-            Box::new(windows_grown.clone()),
-            Box::new(window_bytes_lent.clone()),
         ] {
             // Names are distinct constants, so registration cannot collide.
             let _ = registry.register(c);
@@ -114,8 +99,6 @@ impl Metrics {
             bus,
             presence_from_cache: presence_lookups.with_label_values(&["cache"]),
             presence_from_directory: presence_lookups.with_label_values(&["directory"]),
-            windows_grown,
-            window_bytes_lent,
         }
     }
 
@@ -127,6 +110,13 @@ impl Metrics {
             bus,
             template: bus_transport_vec(),
         }));
+    }
+
+    /// Adds the window pool's figures, read at scrape time: how often windows grew
+    /// (`strait_stream_windows_grown_total`) and the bytes lent now
+    /// (`strait_stream_window_lent_bytes`), which show whether the pool is what caps growth.
+    pub fn watch_windows(&self, pool: Arc<WindowPool>) {
+        let _ = self.registry.register(Box::new(Windows::new(pool)));
     }
 
     /// Text exposition for `/metrics`.
@@ -171,6 +161,46 @@ impl Collector for BusTransport {
             v.with_label_values(&[event]).inc_by(n);
         }
         v.collect()
+    }
+}
+
+/// The window pool as a Prometheus collector.
+struct Windows {
+    pool: Arc<WindowPool>,
+    grown: IntCounter,
+    lent: IntGauge,
+}
+
+impl Windows {
+    fn new(pool: Arc<WindowPool>) -> Self {
+        let grown = IntCounter::new(
+            "strait_stream_windows_grown_total",
+            "Stream receive windows doubled because their reader kept up",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let lent = IntGauge::new(
+            "strait_stream_window_lent_bytes",
+            "Bytes of the window pool lent to grown stream windows",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        Windows { pool, grown, lent }
+    }
+}
+
+impl Collector for Windows {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.grown.desc();
+        d.extend(self.lent.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.grown.reset();
+        self.grown.inc_by(self.pool.grown());
+        self.lent.set(i64::try_from(self.pool.lent()).unwrap_or(i64::MAX));
+        let mut out = self.grown.collect();
+        out.extend(self.lent.collect());
+        out
     }
 }
 

@@ -1,11 +1,11 @@
 //! One gateway node: its shared state, its listeners, and the servers on them.
 
-use crate::window::WindowPool;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
+use strait_schema::window::WindowPool;
 
 use actix::Addr;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
@@ -176,11 +176,8 @@ impl NodeState {
         let (bus_out, bus_rx) = BusOut::new(&cfg.node_id);
         let metrics = Metrics::new();
         metrics.watch_bus(bus.clone());
-        let windows = Arc::new(WindowPool::new(
-            cfg.window_pool,
-            metrics.windows_grown.clone(),
-            metrics.window_bytes_lent.clone(),
-        ));
+        let windows = Arc::new(WindowPool::new(cfg.window_pool));
+        metrics.watch_windows(windows.clone());
         Arc::new(NodeState {
             cfg,
             store,

@@ -1,12 +1,12 @@
 //! Per-agent connection actor: owns one agent WebSocket and everything that dies with it — the
 //! handshake, heartbeats, the agent's open streams and their receive-side credit accounting.
 
-use crate::window::WindowPool;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use strait_schema::window::WindowPool;
 
 use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -1052,8 +1052,7 @@ mod tests {
         let table = Arc::new(StreamTable::default());
         let (tx, _rx) = mpsc::unbounded_channel();
         let link = AgentLink::Local(tx);
-        let m = crate::metrics::Metrics::new();
-        let windows = Arc::new(WindowPool::new(0, m.windows_grown.clone(), m.window_bytes_lent.clone()));
+        let windows = Arc::new(WindowPool::new(0));
         let limits = WireLimits {
             max_frame_bytes: 1 << 20,
             max_data_bytes: 64 << 10,
