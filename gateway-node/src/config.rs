@@ -16,7 +16,7 @@ use crate::error::Error;
 /// also the most a stalled reader can hold per stream, unless its window grew first (below).
 pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
 
-/// Bytes a node lends to windows that grow (`crate::window`): 64 MiB lets 21 streams at a time
+/// Bytes a node lends to windows that grow (`strait_schema::window`): 64 MiB lets 21 streams at a time
 /// run at four times the default window, while everything a node's streams can hold stays one
 /// window each plus this.
 pub const DEFAULT_WINDOW_POOL: u64 = 64 << 20;
@@ -165,7 +165,7 @@ pub struct NodeConfig {
     pub clock_skew: Duration,
     /// Limits announced to agents.
     pub limits: WireLimits,
-    /// Bytes lent to grown receive windows, node-wide (`crate::window`).
+    /// Bytes lent to grown receive windows, node-wide (`strait_schema::window`).
     pub window_pool: u64,
     /// How often the node checks the store for revoked agents to drop.
     pub revocation_poll: Duration,

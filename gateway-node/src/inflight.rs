@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
-use strait_schema::window::Window;
 
 use actix::prelude::*;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use strait_schema::window::Window;
 use strait_schema::{Credit, Data, ErrorCode, Fin, Frame, Reset, ResponseHead, StreamId};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 

@@ -164,42 +164,49 @@ impl Collector for BusTransport {
     }
 }
 
-/// The window pool as a Prometheus collector.
+/// The window pool as a Prometheus collector: a snapshot per scrape, so concurrent scrapes
+/// share no mutable metric.
 struct Windows {
     pool: Arc<WindowPool>,
-    grown: IntCounter,
-    lent: IntGauge,
+    template: (IntCounter, IntGauge),
 }
 
 impl Windows {
     fn new(pool: Arc<WindowPool>) -> Self {
-        let grown = IntCounter::new(
-            "strait_stream_windows_grown_total",
-            "Stream receive windows doubled because their reader kept up",
-        )
-        .unwrap_or_else(|_| unreachable_metric());
-        let lent = IntGauge::new(
-            "strait_stream_window_lent_bytes",
-            "Bytes of the window pool lent to grown stream windows",
-        )
-        .unwrap_or_else(|_| unreachable_metric());
-        Windows { pool, grown, lent }
+        Windows {
+            pool,
+            template: window_metrics(),
+        }
     }
+}
+
+fn window_metrics() -> (IntCounter, IntGauge) {
+    let grown = IntCounter::new(
+        "strait_stream_windows_grown_total",
+        "Stream receive windows doubled because their reader kept up",
+    )
+    .unwrap_or_else(|_| unreachable_metric());
+    let lent = IntGauge::new(
+        "strait_stream_window_lent_bytes",
+        "Bytes of the window pool lent to grown stream windows",
+    )
+    .unwrap_or_else(|_| unreachable_metric());
+    (grown, lent)
 }
 
 impl Collector for Windows {
     fn desc(&self) -> Vec<&Desc> {
-        let mut d = self.grown.desc();
-        d.extend(self.lent.desc());
+        let mut d = self.template.0.desc();
+        d.extend(self.template.1.desc());
         d
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        self.grown.reset();
-        self.grown.inc_by(self.pool.grown());
-        self.lent.set(i64::try_from(self.pool.lent()).unwrap_or(i64::MAX));
-        let mut out = self.grown.collect();
-        out.extend(self.lent.collect());
+        let (grown, lent) = window_metrics();
+        grown.inc_by(self.pool.grown());
+        lent.set(i64::try_from(self.pool.lent()).unwrap_or(i64::MAX));
+        let mut out = grown.collect();
+        out.extend(lent.collect());
         out
     }
 }

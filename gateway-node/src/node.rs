@@ -5,12 +5,12 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
-use strait_schema::window::WindowPool;
 
 use actix::Addr;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use parking_lot::RwLock;
 use strait_bus::{AmqpBus, Bus, BusConfig, InProcessBus, OffsetStore};
+use strait_schema::window::WindowPool;
 use strait_schema::AgentName;
 use tokio::sync::watch;
 

@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use strait_schema::window::WindowPool;
 
 use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage as WsMessage, CloseCode, CloseReason, ProtocolError};
 use bytes::Bytes;
 use parking_lot::Mutex;
+use strait_schema::window::WindowPool;
 use strait_schema::{
     credentials, decode_bytes, encode, AgentName, ErrorCode, Frame, Hello, Limits, Pong, RefuseCode, Refused,
     RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, CAP_INLINE_END, PROTOCOL_VERSION,
