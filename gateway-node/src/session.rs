@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix_web::body::{BodyStream, BoxBody};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage as WsMessage, CloseCode, CloseReason, ProtocolError};
 use bytes::Bytes;
@@ -23,22 +24,12 @@ use crate::cluster::BusOut;
 use crate::directory::Presence;
 use crate::node::{NodeState, Phase, SessionRef};
 use crate::store::now_ms;
+use crate::wsout::{AgentBody, Outgoing};
 
 /// Path of the agent WebSocket endpoint.
 pub const AGENT_PATH: &str = "/v1/connect";
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
-
-/// What the writer task does with the agent's socket.
-#[derive(Debug)]
-pub enum Outgoing {
-    /// One encoded frame.
-    Frame(Bytes),
-    /// Answer a WebSocket-level ping.
-    Pong(Bytes),
-    /// Close the WebSocket with this reason.
-    Close(CloseReason),
-}
 
 /// A handle that sends frames to one agent connection, in order, without going through the
 /// session actor's mailbox. Memory behind it is bounded by flow control: data frames are only sent
@@ -76,7 +67,13 @@ impl AgentLink {
     /// Encodes and queues a frame. Returns false when the connection is gone.
     pub fn send(&self, frame: &Frame) -> bool {
         match self {
-            AgentLink::Local(tx) => tx.send(Outgoing::Frame(Bytes::from(encode(frame)))).is_ok(),
+            AgentLink::Local(tx) => {
+                let out = match frame {
+                    Frame::Data(d) => Outgoing::Data(d.clone()),
+                    _ => Outgoing::Frame(Bytes::from(encode(frame))),
+                };
+                tx.send(out).is_ok()
+            }
             AgentLink::Remote { out, to, agent, epoch } => out.send(to, agent, *epoch, frame.clone()),
         }
     }
@@ -404,14 +401,16 @@ pub async fn accept(
     if node.phase() != Phase::Ready {
         return Ok(HttpResponse::ServiceUnavailable().body("node is not accepting agents"));
     }
-    let (response, ws, stream) = actix_ws::handle(&req, body)?;
+    let (response, _session, stream) = actix_ws::handle(&req, body)?;
     let limits = node.cfg.limits;
     let stream = stream
         .max_frame_size(limits.max_frame_bytes as usize)
         .aggregate_continuations()
         .max_continuation_size(limits.max_frame_bytes as usize);
+    // Frames go out through our own body (wsout.rs), not actix-ws's `Session`.
     let (tx, rx) = mpsc::unbounded_channel();
-    actix_rt::spawn(write_loop(ws, rx));
+    let (response, replaced) = response.into_parts();
+    let response = response.set_body(BoxBody::new(BodyStream::new(AgentBody::new(rx, replaced))));
     let node = node.into_inner();
     let decode_limits = Limits {
         max_frame_bytes: limits.max_frame_bytes as usize,
@@ -434,29 +433,6 @@ pub async fn accept(
         }
     });
     Ok(response)
-}
-
-/// Owns the socket's sending half; one per connection, so frames keep their order.
-async fn write_loop(mut ws: actix_ws::Session, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-    while let Some(out) = rx.recv().await {
-        match out {
-            Outgoing::Frame(b) => {
-                if ws.binary(b).await.is_err() {
-                    return;
-                }
-            }
-            Outgoing::Pong(p) => {
-                if ws.pong(&p).await.is_err() {
-                    return;
-                }
-            }
-            Outgoing::Close(reason) => {
-                let _ = ws.close(Some(reason)).await;
-                return;
-            }
-        }
-    }
-    let _ = ws.close(None).await;
 }
 
 impl Actor for AgentSession {

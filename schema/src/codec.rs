@@ -356,23 +356,39 @@ const DATA_DISCRIMINANT: u16 = 8;
 /// 5… payload, zero-padded to a word
 /// ```
 fn encode_data(d: &Data) -> Vec<u8> {
-    let len = d.bytes.len();
-    let payload_words = len.div_ceil(8);
-    let words = 5 + payload_words;
-    let mut out = Vec::with_capacity(8 + words * 8);
-    out.extend_from_slice(&0u32.to_le_bytes()); // one segment
-                                                // Saturates only for payloads beyond any limit; the peer then sees a truncated message.
-    out.extend_from_slice(&u32::try_from(words).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(&struct_pointer(0, 1, 1).to_le_bytes());
-    out.extend_from_slice(&u64::from(DATA_DISCRIMINANT).to_le_bytes());
-    out.extend_from_slice(&struct_pointer(0, 1, 1).to_le_bytes());
-    out.extend_from_slice(&d.stream.0.to_le_bytes());
+    let head = data_head(d.stream, d.bytes.len());
+    let mut out = Vec::with_capacity(head.len() + d.bytes.len() + data_padding(d.bytes.len()));
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&d.bytes);
+    out.resize(out.len() + data_padding(d.bytes.len()), 0);
+    out
+}
+
+/// Bytes of an encoded `Data` frame before its payload: [`encode`] of a `Data` frame is this
+/// head, the payload, then [`data_padding`] zero bytes. A writer that can send the three parts
+/// in turn (the gateway's agent sockets) sends a payload without ever copying it into a frame.
+pub const DATA_HEAD_LEN: usize = 48;
+
+/// The head of a `Data` frame for `stream` carrying `len` payload bytes (see [`DATA_HEAD_LEN`]).
+pub fn data_head(stream: StreamId, len: usize) -> [u8; DATA_HEAD_LEN] {
+    let words = 5 + len.div_ceil(8);
+    let mut head = [0u8; DATA_HEAD_LEN];
+    // One segment; its size saturates only for payloads beyond any limit (the peer then sees a
+    // truncated message).
+    head[4..8].copy_from_slice(&u32::try_from(words).unwrap_or(u32::MAX).to_le_bytes());
+    head[8..16].copy_from_slice(&struct_pointer(0, 1, 1).to_le_bytes());
+    head[16..24].copy_from_slice(&u64::from(DATA_DISCRIMINANT).to_le_bytes());
+    head[24..32].copy_from_slice(&struct_pointer(0, 1, 1).to_le_bytes());
+    head[32..40].copy_from_slice(&stream.0.to_le_bytes());
     // Byte-list pointer: kind 1, offset 0, element size 2 (one byte), 29-bit element count.
     let count = u64::try_from(len).unwrap_or(u64::MAX) & ((1 << 29) - 1);
-    out.extend_from_slice(&(1u64 | (2 << 32) | (count << 35)).to_le_bytes());
-    out.extend_from_slice(&d.bytes);
-    out.resize(8 + words * 8, 0);
-    out
+    head[40..48].copy_from_slice(&(1u64 | (2 << 32) | (count << 35)).to_le_bytes());
+    head
+}
+
+/// Zero bytes after a `len`-byte `Data` payload that end its frame on a word boundary.
+pub fn data_padding(len: usize) -> usize {
+    len.div_ceil(8) * 8 - len
 }
 
 /// A struct pointer (kind 0) to a struct `offset` words after the pointer's own word.

@@ -19,7 +19,8 @@ mod tunnel_capnp;
 
 pub use code::{ErrorCode, RefuseCode};
 pub use codec::{
-    decode, decode_bytes, decode_envelope, decode_envelope_bytes, encode, encode_envelope, DecodeError, Limits,
+    data_head, data_padding, decode, decode_bytes, decode_envelope, decode_envelope_bytes, encode, encode_envelope,
+    DecodeError, Limits, DATA_HEAD_LEN,
 };
 pub use credentials::{AgentToken, CredentialError, Secret};
 pub use frame::*;
