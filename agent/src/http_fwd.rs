@@ -19,13 +19,13 @@ use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::{Body, Frame as BodyFrame, Incoming, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use strait_schema::{ErrorCode, Frame, Header, RequestHead, ResponseHead};
 use tokio::sync::mpsc;
 
 use crate::config::HttpTarget;
 use crate::flow::{Inbound, RecvCredit, SendError, StreamCtx, StreamSender};
+use crate::pool::{Failure, Lent, Pool};
 use crate::tcp_fwd;
 
 /// Bound on dialling a local service; it is local, so anything slower is as good as down.
@@ -38,7 +38,8 @@ const INLINE_BODY_MAX: usize = 16 << 10;
 /// How long an idle keep-alive connection to a local service is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-type Connector = HttpsConnector<HttpConnector>;
+/// Dials a local service over TCP, with TLS for `https`.
+pub(crate) type Connector = HttpsConnector<HttpConnector>;
 
 /// What the local service receives as a request body: the gateway's `Data` for ordinary
 /// requests, nothing for upgrade requests (their `Data` are post-upgrade bytes, kept for later).
@@ -46,7 +47,7 @@ type RequestBody = Either<InboundBody, Empty<Bytes>>;
 
 /// One local HTTP service with its own keep-alive pool, shared by every connection of the agent.
 pub(crate) struct HttpUpstream {
-    client: Client<Connector, RequestBody>,
+    pool: Pool<RequestBody>,
     target: HttpTarget,
 }
 
@@ -61,11 +62,16 @@ impl HttpUpstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(connector);
-        HttpUpstream { client, target }
+        let dial = Uri::builder()
+            .scheme(target.scheme.clone())
+            .authority(target.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("scheme and authority were validated with the config");
+        HttpUpstream {
+            pool: Pool::new(connector, dial, POOL_IDLE_TIMEOUT),
+            target,
+        }
     }
 }
 
@@ -97,8 +103,10 @@ pub(crate) async fn exchange(ctx: StreamCtx, head: RequestHead, upstream: Arc<Ht
         framing,
         done: false,
     };
-    if let Some(resp) = send_request(&tx, &upstream, &head, Either::Left(body)).await {
-        respond(&tx, &head.method, resp, &upstream.target).await;
+    if let Some((resp, conn)) = send_request(&tx, &upstream, &head, Either::Left(body)).await {
+        if respond(&tx, &head.method, resp, &upstream.target).await {
+            upstream.pool.put(conn);
+        }
     }
 }
 
@@ -117,7 +125,7 @@ async fn upgrade(ctx: StreamCtx, head: RequestHead, upstream: Arc<HttpUpstream>)
         mut recv_credit,
         mut inbound,
     } = ctx;
-    let Some(mut resp) = send_request(&tx, &upstream, &head, Either::Right(Empty::new())).await else {
+    let Some((mut resp, conn)) = send_request(&tx, &upstream, &head, Either::Right(Empty::new())).await else {
         return;
     };
     let authority = upstream.target.authority.as_str();
@@ -129,7 +137,11 @@ async fn upgrade(ctx: StreamCtx, head: RequestHead, upstream: Arc<HttpUpstream>)
             std::future::pending::<()>().await
         };
         tokio::select! {
-            () = respond(&tx, &head.method, resp, &upstream.target) => {}
+            done = respond(&tx, &head.method, resp, &upstream.target) => {
+                if done {
+                    upstream.pool.put(conn);
+                }
+            }
             () = discard => {}
         }
         return;
@@ -139,6 +151,8 @@ async fn upgrade(ctx: StreamCtx, head: RequestHead, upstream: Arc<HttpUpstream>)
         return;
     }
     drop(resp);
+    // After a 101 the connection is the upgraded byte stream's, never the pool's again.
+    drop(conn);
     let io = match upgraded.await {
         Ok(io) => TokioIo::new(io),
         Err(e) => {
@@ -161,7 +175,7 @@ async fn send_request(
     upstream: &HttpUpstream,
     head: &RequestHead,
     body: RequestBody,
-) -> Option<Response<Incoming>> {
+) -> Option<(Response<Incoming>, Lent<RequestBody>)> {
     let req = match build_request(&upstream.target, head, body) {
         Ok(r) => r,
         Err(why) => {
@@ -169,10 +183,10 @@ async fn send_request(
             return None;
         }
     };
-    match upstream.client.request(req).await {
+    match upstream.pool.send(req).await {
         Ok(r) => Some(r),
         Err(e) => {
-            let reason = describe_client_error(&e, upstream.target.authority.as_str());
+            let reason = describe_failure(&e, upstream.target.authority.as_str());
             tracing::debug!(stream = %tx.id, %reason, "local HTTP request failed");
             tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
             None
@@ -184,7 +198,9 @@ async fn send_request(
 /// no body or a small one of known length goes as one frame when the node takes that
 /// ([`StreamSender::whole_response`]): a third of the frames, and of the bus envelopes across
 /// nodes, for a typical small response.
-async fn respond(tx: &StreamSender, method: &str, resp: Response<Incoming>, target: &HttpTarget) {
+///
+/// True when the response was read to its end, so its connection can serve another request.
+async fn respond(tx: &StreamSender, method: &str, resp: Response<Incoming>, target: &HttpTarget) -> bool {
     let (parts, mut body) = resp.into_parts();
     let has_body = has_body(method, parts.status);
     let inline_max = INLINE_BODY_MAX.min(tx.max_data_bytes) as u64;
@@ -194,7 +210,8 @@ async fn respond(tx: &StreamSender, method: &str, resp: Response<Incoming>, targ
                 Ok(b) => b.to_bytes(),
                 Err(e) => {
                     let reason = format!("local service failed mid-body ({}): {e}", target.authority);
-                    return tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
+                    tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
+                    return false;
                 }
             }
         } else {
@@ -211,10 +228,11 @@ async fn respond(tx: &StreamSender, method: &str, resp: Response<Incoming>, targ
             tx.reset(ErrorCode::Internal, "response head from local service is too large")
                 .await;
         }
-        return;
+        // The body was read whole either way.
+        return true;
     }
     if !send_head(tx, parts.status, response_headers(&parts.headers)).await {
-        return;
+        return false;
     }
     if has_body {
         loop {
@@ -223,18 +241,20 @@ async fn respond(tx: &StreamSender, method: &str, resp: Response<Incoming>, targ
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         if tx.data(data).await.is_err() {
-                            return;
+                            return false;
                         }
                     }
                 }
                 Some(Err(e)) => {
                     let reason = format!("local service failed mid-body ({}): {e}", target.authority);
-                    return tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
+                    tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
+                    return false;
                 }
             }
         }
     }
     let _ = tx.fin().await;
+    true
 }
 
 /// Sends `ResponseHead`; `false` if the stream cannot go on (it was reset if there is a reason
@@ -338,7 +358,7 @@ impl Framing {
     }
 }
 
-/// Builds the request for the local service: absolute URI (prefix + target), headers in
+/// Builds the request for the local service: origin-form target (prefix + target), headers in
 /// order with `Host` set to the local authority.
 pub(crate) fn build_request<B>(target: &HttpTarget, head: &RequestHead, body: B) -> Result<Request<B>, String> {
     let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| "invalid method".to_owned())?;
@@ -346,8 +366,6 @@ pub(crate) fn build_request<B>(target: &HttpTarget, head: &RequestHead, body: B)
         return Err("request target must start with '/'".to_owned());
     }
     let uri = Uri::builder()
-        .scheme(target.scheme.clone())
-        .authority(target.authority.clone())
         .path_and_query(format!("{}{}", target.path_prefix, head.uri))
         .build()
         .map_err(|_| "invalid request target".to_owned())?;
@@ -400,27 +418,22 @@ fn is_hop_by_hop(name: &str) -> bool {
 }
 
 /// A reason for the caller: says whether the local service refused, was unreachable, or failed.
-fn describe_client_error(e: &hyper_util::client::legacy::Error, authority: &str) -> String {
-    let io_kind = {
-        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-        let mut kind = None;
-        while let Some(s) = src {
-            if let Some(io) = s.downcast_ref::<std::io::Error>() {
-                kind = Some(io.kind());
-                break;
+fn describe_failure(e: &Failure, authority: &str) -> String {
+    match e {
+        Failure::Connect(e) => {
+            let e: &(dyn std::error::Error + 'static) = e.as_ref();
+            let mut src = Some(e);
+            while let Some(s) = src {
+                if s.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+                {
+                    return format!("local service refused connection ({authority})");
+                }
+                src = s.source();
             }
-            src = s.source();
+            format!("local service unreachable ({authority}): {}", error_chain(e))
         }
-        kind
-    };
-    let chain = error_chain(e);
-    if e.is_connect() {
-        match io_kind {
-            Some(std::io::ErrorKind::ConnectionRefused) => format!("local service refused connection ({authority})"),
-            _ => format!("local service unreachable ({authority}): {chain}"),
-        }
-    } else {
-        format!("local service failed ({authority}): {chain}")
+        Failure::Http(e) => format!("local service failed ({authority}): {}", error_chain(e)),
     }
 }
 
@@ -556,7 +569,7 @@ mod tests {
             (),
         )
         .unwrap();
-        assert_eq!(req.uri(), "http://127.0.0.1:3000/base/a/b?c=d");
+        assert_eq!(req.uri(), "/base/a/b?c=d");
         assert_eq!(req.method(), Method::POST);
         assert_eq!(req.headers()[HOST], "127.0.0.1:3000");
         let xm: Vec<_> = req.headers().get_all("x-m").iter().collect();

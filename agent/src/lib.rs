@@ -12,6 +12,7 @@ mod error;
 mod flow;
 mod handle;
 mod http_fwd;
+mod pool;
 mod session;
 mod tcp_fwd;
 

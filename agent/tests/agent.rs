@@ -1234,3 +1234,109 @@ async fn websocket_upgrade_passes_through_and_plain_answers_stay_ordinary() {
     }
     agent.shutdown().await;
 }
+
+/// A hand-written HTTP/1.1 service that answers every request `200 ok` and counts the
+/// connections it accepted; with `close_after` it closes each connection that long after its
+/// first answer, without saying so (as a service with a short keep-alive timeout does).
+async fn counting_service(
+    close_after: Option<Duration>,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if sock.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    if let Some(after) = close_after {
+                        tokio::time::sleep(after).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+async fn expect_ok(ws: &mut Ws, stream: u64) {
+    match next(ws).await {
+        Frame::ResponseHead(h) if h.stream == StreamId(stream) => {
+            assert_eq!(h.status, 200);
+            let mut body = h.body.to_vec();
+            if !h.end {
+                loop {
+                    match next(ws).await {
+                        Frame::Data(d) if d.stream == StreamId(stream) => body.extend_from_slice(&d.bytes),
+                        Frame::Fin(f) if f.stream == StreamId(stream) => break,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+            assert_eq!(body, b"ok");
+        }
+        other => panic!("expected the answer to {stream}, got {other:?}"),
+    }
+}
+
+/// Requests one after another share one keep-alive connection; a connection the service closed
+/// while it sat idle is never used again, and the next request goes out on a fresh one.
+#[tokio::test]
+async fn local_connections_are_reused_and_closed_ones_replaced() {
+    use std::sync::atomic::Ordering;
+    let (keep, kept) = counting_service(None).await;
+    let (short, shorts) = counting_service(Some(Duration::from_millis(50))).await;
+    let (agent, listener, _token) = start(&[format!("http://{keep}"), format!("short=http://{short}")]).await;
+    let (mut ws, _) = accept(&listener).await;
+    let Frame::Hello(_) = next(&mut ws).await else {
+        panic!("first frame must be Hello")
+    };
+    send(&mut ws, welcome()).await;
+
+    for i in 1..=5 {
+        send(&mut ws, bodiless_get(i, "/")).await;
+        expect_ok(&mut ws, i).await;
+    }
+    assert_eq!(
+        kept.load(Ordering::SeqCst),
+        1,
+        "sequential requests share one connection"
+    );
+
+    for i in 11..=13 {
+        let Frame::RequestHead(mut h) = bodiless_get(i, "/") else {
+            unreachable!()
+        };
+        h.service = "short".into();
+        send(&mut ws, Frame::RequestHead(h)).await;
+        expect_ok(&mut ws, i).await;
+        // Past the service's keep-alive: the pooled connection is closed by now.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        shorts.load(Ordering::SeqCst),
+        3,
+        "each request after a close dials anew"
+    );
+    agent.kill();
+}

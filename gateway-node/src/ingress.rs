@@ -116,8 +116,11 @@ pub async fn handle(req: HttpRequest, payload: web::Payload, node: web::Data<Nod
 
 async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeState>) -> HttpResponse {
     let node: Arc<NodeState> = node.into_inner();
-    let host = req.connection_info().host().to_owned();
-    let Some((agent, service)) = route_host(&host, &node.cfg.domain) else {
+    let Some(host) = request_host(&req) else {
+        node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
+        return error_response(ErrorCode::BadRequest, "the request names no host");
+    };
+    let Some((agent, service)) = route_host(host, &node.cfg.domain) else {
         node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
         return error_response(
             ErrorCode::BadRequest,
@@ -135,7 +138,7 @@ async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeStat
             return error_response(code, &why);
         }
     };
-    let head = match request_head(&req, &host) {
+    let head = match request_head(&req, host) {
         Ok(h) => h,
         Err(why) => {
             node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
@@ -198,6 +201,17 @@ async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeStat
     };
     let body = (!head.end).then(|| TunnelBody::new(body_rx, &grant, id, addr));
     response(&req, head, body)
+}
+
+/// The host a request is for: the authority of an absolute-form target, else `Host` (RFC 9112
+/// §3.2.2). Never `Forwarded` or `X-Forwarded-Host`: those are the caller's to write, and routing
+/// by them would let a caller reach an agent other than the one a proxy in front let through.
+fn request_host(req: &HttpRequest) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+        .filter(|h| !h.is_empty())
 }
 
 /// Builds the head sent to the agent: hop-by-hop headers removed, `X-Forwarded-*` added. Body

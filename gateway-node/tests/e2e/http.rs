@@ -387,3 +387,36 @@ async fn a_fast_callers_window_grows_from_the_pool_and_is_given_back() {
         assert_eq!(lent, 0, "window bytes still lent after the stream ended");
     }
 }
+
+#[actix_rt::test]
+async fn routes_by_the_host_header_never_by_headers_a_caller_writes() {
+    let backend = Backend::start().await;
+    let node = TestNode::embedded().await;
+    let _alpha = node.connect_agent("alpha", &backend.url()).await;
+    let c = node.client(&["alpha"]);
+    // A caller naming another agent in `Forwarded` / `X-Forwarded-Host` still reaches the agent
+    // its `Host` names, and the agent is told the host that was routed.
+    let res = c
+        .get(node.url("alpha", "/inspect"))
+        .header("x-forwarded-host", "beta.localhost")
+        .header("forwarded", "host=beta.localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let j: serde_json::Value = res.json().await.unwrap();
+    let headers: Vec<(String, String)> = serde_json::from_value(j["headers"].clone()).unwrap();
+    let fwd_host: Vec<_> = headers.iter().filter(|(k, _)| k == "x-forwarded-host").collect();
+    assert_eq!(fwd_host.len(), 1, "{headers:?}");
+    assert_eq!(fwd_host[0].1, format!("alpha.localhost:{}", node.http_addr.port()));
+
+    // A request that names no host at all is refused for what it is.
+    let mut raw = tokio::net::TcpStream::connect(node.http_addr).await.unwrap();
+    raw.write_all(b"GET /small HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.0 400"), "{answer}");
+    assert!(answer.contains("x-strait-error: bad_request"), "{answer}");
+    assert!(answer.contains("names no host"), "{answer}");
+}
