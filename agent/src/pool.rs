@@ -153,14 +153,7 @@ fn spawn_reaper<B: Send + 'static>(idle: Weak<Mutex<Vec<Idle<B>>>>, timeout: Dur
         loop {
             tick.tick().await;
             let Some(idle) = idle.upgrade() else { return };
-            // Oldest first: everything before the first fresh entry is stale.
-            let mut idle = idle.lock();
-            let stale = idle
-                .iter()
-                .position(|i| i.since.elapsed() < timeout && !i.tx.is_closed())
-                .unwrap_or(idle.len());
-            idle.drain(..stale);
-            idle.retain(|i| !i.tx.is_closed());
+            idle.lock().retain(|i| i.since.elapsed() < timeout && !i.tx.is_closed());
         }
     });
 }

@@ -1340,3 +1340,46 @@ async fn local_connections_are_reused_and_closed_ones_replaced() {
     );
     agent.kill();
 }
+
+/// A service that reads a request and hangs up without answering: the stream is reset with a
+/// reason that says the service failed (not that it refused or was unreachable), and the
+/// agent's connection to the gateway carries on.
+#[tokio::test]
+async fn a_service_that_hangs_up_without_answering_resets_only_its_stream() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mute = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+            });
+        }
+    });
+    let (keep, _) = counting_service(None).await;
+    let (agent, listener, _token) = start(&[format!("http://{keep}"), format!("mute=http://{mute}")]).await;
+    let (mut ws, _) = accept(&listener).await;
+    let Frame::Hello(_) = next(&mut ws).await else {
+        panic!("first frame must be Hello")
+    };
+    send(&mut ws, welcome()).await;
+
+    let Frame::RequestHead(mut h) = bodiless_get(1, "/") else {
+        unreachable!()
+    };
+    h.service = "mute".into();
+    send(&mut ws, Frame::RequestHead(h)).await;
+    let (code, reason) = expect_reset(&mut ws, StreamId(1)).await;
+    assert_eq!(code, ErrorCode::ServiceUnavailable);
+    assert!(
+        reason.starts_with(&format!("local service failed ({mute})")),
+        "{reason}"
+    );
+
+    send(&mut ws, bodiless_get(2, "/")).await;
+    expect_ok(&mut ws, 2).await;
+    agent.kill();
+}
