@@ -12,7 +12,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use strait_schema::{encode, Credit, ErrorCode, Frame, Reset, ResponseHead, StreamId};
 use tokio::sync::{mpsc, Semaphore};
-use tokio_tungstenite::tungstenite::Message;
+
+use crate::ws::Outgoing;
 
 /// Longest `Reset` reason we send; the gateway's decoder bounds text fields too.
 const MAX_REASON_BYTES: usize = 512;
@@ -37,15 +38,15 @@ pub(crate) enum SendError {
 /// sends, which credit bounds.
 #[derive(Clone)]
 pub(crate) struct Outbound {
-    data: mpsc::Sender<Message>,
-    control: mpsc::UnboundedSender<Message>,
+    data: mpsc::Sender<Outgoing>,
+    control: mpsc::UnboundedSender<Outgoing>,
     max_frame_bytes: usize,
 }
 
 impl Outbound {
     pub(crate) fn new(
-        data: mpsc::Sender<Message>,
-        control: mpsc::UnboundedSender<Message>,
+        data: mpsc::Sender<Outgoing>,
+        control: mpsc::UnboundedSender<Outgoing>,
         max_frame_bytes: usize,
     ) -> Self {
         Outbound {
@@ -57,26 +58,32 @@ impl Outbound {
 
     /// Queues a stream frame in order, waiting while the writer is behind.
     pub(crate) async fn send(&self, frame: &Frame) -> Result<(), SendError> {
-        let bytes = encode(frame);
-        if bytes.len() > self.max_frame_bytes {
+        let msg = match frame {
+            // Encoded by the writer as it masks the payload into its buffer.
+            Frame::Data(d) => Outgoing::Data(d.clone()),
+            other => Outgoing::Frame(Bytes::from(encode(other))),
+        };
+        if msg.len() > self.max_frame_bytes {
             return Err(SendError::TooLarge);
         }
-        self.data
-            .send(Message::Binary(Bytes::from(bytes)))
-            .await
-            .map_err(|_| SendError::Gone)
+        self.data.send(msg).await.map_err(|_| SendError::Gone)
     }
 
     /// Queues a control frame ahead of stream data. Never waits.
     pub(crate) fn control(&self, frame: &Frame) -> Result<(), SendError> {
         self.control
-            .send(Message::Binary(Bytes::from(encode(frame))))
+            .send(Outgoing::Frame(Bytes::from(encode(frame))))
             .map_err(|_| SendError::Gone)
+    }
+
+    /// Answers a WebSocket-level ping ahead of stream data. Never waits.
+    pub(crate) fn pong(&self, payload: Bytes) {
+        let _ = self.control.send(Outgoing::Pong(payload));
     }
 
     /// Queues the WebSocket close frame behind everything already queued.
     pub(crate) async fn close(&self) -> Result<(), SendError> {
-        self.data.send(Message::Close(None)).await.map_err(|_| SendError::Gone)
+        self.data.send(Outgoing::Close).await.map_err(|_| SendError::Gone)
     }
 
     /// Sends `Reset` for a stream as a control frame.

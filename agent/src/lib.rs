@@ -15,6 +15,7 @@ mod http_fwd;
 mod pool;
 mod session;
 mod tcp_fwd;
+mod ws;
 
 use std::collections::HashMap;
 use std::future::Future;

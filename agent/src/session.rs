@@ -6,24 +6,23 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
 use http::header::{HeaderValue, USER_AGENT};
 use strait_schema::{
     credentials, decode, decode_bytes, encode, DecodeError, ErrorCode, Frame, Hello, Limits, Ping, Pong, RequestHead,
     ServiceKind, StreamId, StreamOpen, Welcome, CAP_INLINE_END, PROTOCOL_VERSION,
 };
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream};
 
 use crate::config::{AgentConfig, GatewayUrl, TcpTarget};
 use crate::flow::{Inbound, Outbound, RecvCredit, SendCredit, StreamCtx, StreamSender};
 use crate::http_fwd::{error_chain, HttpUpstream};
+use crate::ws::{Incoming, Outgoing, WsReader, WsWriter};
 use crate::{http_fwd, tcp_fwd, Error};
 
 /// Dial plus `Hello` plus `Welcome` must fit in this, or the attempt counts as failed.
@@ -34,6 +33,10 @@ const DATA_QUEUE: usize = 64;
 
 /// Messages written before one flush, so bursts of small frames share a syscall.
 const WRITE_BATCH: usize = 64;
+
+/// Buffered bytes at which a batch is written out before it is complete, so the write buffer
+/// stays near one `Data` frame however many are queued.
+const WRITE_AT: usize = 128 * 1024;
 
 /// Heartbeats of silence after which the link counts as dead.
 const SILENT_HEARTBEATS: u32 = 3;
@@ -48,7 +51,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Room left in a frame for everything but the `Data` payload (Cap'n Proto framing, stream id).
 const DATA_FRAME_OVERHEAD: usize = 128;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// The gateway connection once upgraded, plain or TLS.
+type Io = MaybeTlsStream<TcpStream>;
 
 /// What the agent carries across connections: config, local upstreams (and their pools), TLS.
 pub(crate) struct Shared {
@@ -75,7 +79,8 @@ impl Upstream {
 
 /// A connection that got its `Welcome`.
 pub(crate) struct Established {
-    ws: Ws,
+    reader: WsReader<ReadHalf<Io>>,
+    writer: WsWriter<WriteHalf<Io>>,
     pub(crate) welcome: Welcome,
 }
 
@@ -91,13 +96,7 @@ pub(crate) enum Exit {
 }
 
 /// Dials `url`, sends a signed `Hello` and waits for `Welcome` (or `Refused`, returned as
-/// [`Error::Refused`]).
-/// tungstenite zero-fills its whole read buffer before every read (128 KiB by default), which
-/// cost ~6% of the agent's CPU on small requests; 32 KiB still takes a data frame in two reads.
-fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(32 * 1024)
-}
-
+/// [`Error::Refused`]). tokio-tungstenite only upgrades; frames are ours from then on (ws.rs).
 pub(crate) async fn handshake(shared: &Shared, url: &GatewayUrl) -> Result<Established, Error> {
     let attempt = async {
         let mut req = url
@@ -109,24 +108,38 @@ pub(crate) async fn handshake(shared: &Shared, url: &GatewayUrl) -> Result<Estab
             HeaderValue::from_static(concat!("strait-agent/", env!("CARGO_PKG_VERSION"))),
         );
         let connector = Connector::Rustls(shared.tls.clone());
-        let (mut ws, _) =
-            tokio_tungstenite::connect_async_tls_with_config(req, Some(ws_config()), true, Some(connector))
-                .await
-                .map_err(|e| Error::Connection(format!("connect to {url} failed: {}", error_chain(&e))))?;
-        let hello = Frame::Hello(hello(&shared.cfg));
-        ws.send(Message::Binary(encode(&hello).into()))
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, None, true, Some(connector))
+            .await
+            .map_err(|e| Error::Connection(format!("connect to {url} failed: {}", error_chain(&e))))?;
+        // The gateway speaks only after our Hello, so the upgrade left nothing read ahead.
+        let (r, w) = tokio::io::split(ws.into_inner());
+        let mut reader = WsReader::new(r, Limits::default().max_frame_bytes);
+        let mut writer = WsWriter::new(w);
+        writer.push(&Outgoing::Frame(encode(&Frame::Hello(hello(&shared.cfg))).into()));
+        writer
+            .flush()
             .await
             .map_err(|e| Error::Connection(format!("sending Hello to {url} failed: {e}")))?;
         loop {
-            match ws.next().await {
-                None | Some(Ok(Message::Close(_))) => {
+            match reader.next().await? {
+                None | Some(Incoming::Close) => {
                     return Err(Error::Connection(format!("{url} closed the connection before Welcome")))
                 }
-                Some(Err(e)) => return Err(Error::Connection(format!("reading from {url} failed: {e}"))),
-                Some(Ok(Message::Text(_))) => return Err(Error::Protocol("text message from gateway".into())),
-                Some(Ok(Message::Binary(bytes))) => {
+                Some(Incoming::Text) => return Err(Error::Protocol("text message from gateway".into())),
+                Some(Incoming::Ping(p)) => {
+                    writer.push(&Outgoing::Pong(p));
+                    writer
+                        .flush()
+                        .await
+                        .map_err(|e| Error::Connection(format!("writing to {url} failed: {e}")))?;
+                }
+                Some(Incoming::Binary(bytes)) => {
                     return match decode(&bytes, &Limits::default())? {
-                        Frame::Welcome(welcome) => Ok(Established { ws, welcome }),
+                        Frame::Welcome(welcome) => Ok(Established {
+                            reader,
+                            writer,
+                            welcome,
+                        }),
                         Frame::Refused(r) => Err(Error::Refused {
                             code: r.code,
                             message: r.message,
@@ -134,7 +147,6 @@ pub(crate) async fn handshake(shared: &Shared, url: &GatewayUrl) -> Result<Estab
                         other => Err(Error::Protocol(format!("expected Welcome, got {}", other.kind()))),
                     };
                 }
-                Some(Ok(_)) => {}
             }
         }
     };
@@ -244,15 +256,19 @@ pub(crate) async fn serve(
     go_away: oneshot::Sender<String>,
     mut welcomed: watch::Receiver<u64>,
 ) -> Exit {
-    let Established { ws, welcome } = est;
+    let Established {
+        mut reader,
+        writer,
+        welcome,
+    } = est;
     let limits = ConnLimits::from_welcome(&welcome);
+    reader.set_max_message(limits.decode.max_frame_bytes);
     let heartbeat = limits.heartbeat;
     let drain_timeout = shared.cfg.drain_timeout;
-    let (sink, mut stream) = ws.split();
     let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
     let out = Outbound::new(data_tx, ctrl_tx, limits.max_frame_bytes);
-    let mut writer = tokio::spawn(write_loop(sink, ctrl_rx, data_rx));
+    let mut writer = tokio::spawn(write_loop(writer, ctrl_rx, data_rx));
     let mut sess = Session {
         shared,
         limits,
@@ -280,15 +296,15 @@ pub(crate) async fn serve(
             break Exit::Drained;
         }
         tokio::select! {
-            msg = stream.next() => {
+            msg = reader.next() => {
                 let msg = match msg {
-                    None => break Exit::Lost("gateway closed the connection".into()),
-                    Some(Err(e)) => break Exit::Lost(format!("connection error: {e}")),
-                    Some(Ok(m)) => m,
+                    Ok(None) => break Exit::Lost("gateway closed the connection".into()),
+                    Err(e) => break Exit::Lost(format!("connection error: {e}")),
+                    Ok(Some(m)) => m,
                 };
                 last_rx = Instant::now();
                 match msg {
-                    Message::Binary(bytes) => {
+                    Incoming::Binary(bytes) => {
                         let frame = match decode_bytes(bytes, &sess.limits.decode) {
                             Ok(f) => f,
                             Err(e) if opens_nothing(&e) => {
@@ -311,9 +327,9 @@ pub(crate) async fn serve(
                             Step::Fatal(why) => break Exit::Lost(why),
                         }
                     }
-                    Message::Text(_) => break Exit::Lost("protocol error: text message from gateway".into()),
-                    Message::Close(_) => break Exit::Lost("gateway closed the connection".into()),
-                    _ => {}
+                    Incoming::Ping(p) => sess.out.pong(p),
+                    Incoming::Text => break Exit::Lost("protocol error: text message from gateway".into()),
+                    Incoming::Close => break Exit::Lost("gateway closed the connection".into()),
                 }
             }
             _ = tick.tick() => {
@@ -364,8 +380,8 @@ pub(crate) async fn serve(
                 drop(out);
                 let _ = (&mut writer).await;
                 // Wait for the gateway's half of the closing handshake.
-                while let Some(Ok(m)) = stream.next().await {
-                    if let Message::Close(_) = m {
+                while let Ok(Some(m)) = reader.next().await {
+                    if m == Incoming::Close {
                         break;
                     }
                 }
@@ -399,12 +415,13 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// The only owner of the WebSocket sink. Control frames first; writes batched, then flushed.
+/// The only owner of the socket's writing half. Control frames first; writes batched, then
+/// flushed.
 async fn write_loop(
-    mut sink: SplitSink<Ws, Message>,
-    mut control: mpsc::UnboundedReceiver<Message>,
-    mut data: mpsc::Receiver<Message>,
-) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    mut sink: WsWriter<WriteHalf<Io>>,
+    mut control: mpsc::UnboundedReceiver<Outgoing>,
+    mut data: mpsc::Receiver<Outgoing>,
+) -> std::io::Result<()> {
     let (mut control_open, mut data_open) = (true, true);
     loop {
         let msg = tokio::select! {
@@ -419,8 +436,8 @@ async fn write_loop(
             },
             else => return Ok(()),
         };
-        let mut closing = matches!(msg, Message::Close(_));
-        sink.feed(msg).await?;
+        let mut closing = matches!(msg, Outgoing::Close);
+        sink.push(&msg);
         let mut batch = 1;
         while !closing && batch < WRITE_BATCH {
             let next = match control.try_recv() {
@@ -430,9 +447,12 @@ async fn write_loop(
                     Err(_) => break,
                 },
             };
-            closing = matches!(next, Message::Close(_));
-            sink.feed(next).await?;
+            closing = matches!(next, Outgoing::Close);
+            sink.push(&next);
             batch += 1;
+            if sink.buffered() >= WRITE_AT {
+                sink.write_out().await?;
+            }
         }
         sink.flush().await?;
         if closing {
