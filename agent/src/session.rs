@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderValue, USER_AGENT};
+use strait_schema::ws::Message;
 use strait_schema::{
     credentials, decode, decode_bytes, encode, DecodeError, ErrorCode, Frame, Hello, Limits, Ping, Pong, RequestHead,
     ServiceKind, StreamId, StreamOpen, Welcome, CAP_INLINE_END, PROTOCOL_VERSION,
@@ -22,7 +23,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream};
 use crate::config::{AgentConfig, GatewayUrl, TcpTarget};
 use crate::flow::{Inbound, Outbound, RecvCredit, SendCredit, StreamCtx, StreamSender};
 use crate::http_fwd::{error_chain, HttpUpstream};
-use crate::ws::{Incoming, Outgoing, WsReader, WsWriter};
+use crate::ws::{Outgoing, WsReader, WsWriter};
 use crate::{http_fwd, tcp_fwd, Error};
 
 /// Dial plus `Hello` plus `Welcome` must fit in this, or the attempt counts as failed.
@@ -122,18 +123,19 @@ pub(crate) async fn handshake(shared: &Shared, url: &GatewayUrl) -> Result<Estab
             .map_err(|e| Error::Connection(format!("sending Hello to {url} failed: {e}")))?;
         loop {
             match reader.next().await? {
-                None | Some(Incoming::Close) => {
+                None | Some(Message::Close(_)) => {
                     return Err(Error::Connection(format!("{url} closed the connection before Welcome")))
                 }
-                Some(Incoming::Text) => return Err(Error::Protocol("text message from gateway".into())),
-                Some(Incoming::Ping(p)) => {
+                Some(Message::Text) => return Err(Error::Protocol("text message from gateway".into())),
+                Some(Message::Pong) => {}
+                Some(Message::Ping(p)) => {
                     writer.push(&Outgoing::Pong(p));
                     writer
                         .flush()
                         .await
                         .map_err(|e| Error::Connection(format!("writing to {url} failed: {e}")))?;
                 }
-                Some(Incoming::Binary(bytes)) => {
+                Some(Message::Binary(bytes)) => {
                     return match decode(&bytes, &Limits::default())? {
                         Frame::Welcome(welcome) => Ok(Established {
                             reader,
@@ -304,7 +306,7 @@ pub(crate) async fn serve(
                 };
                 last_rx = Instant::now();
                 match msg {
-                    Incoming::Binary(bytes) => {
+                    Message::Binary(bytes) => {
                         let frame = match decode_bytes(bytes, &sess.limits.decode) {
                             Ok(f) => f,
                             Err(e) if opens_nothing(&e) => {
@@ -327,9 +329,10 @@ pub(crate) async fn serve(
                             Step::Fatal(why) => break Exit::Lost(why),
                         }
                     }
-                    Incoming::Ping(p) => sess.out.pong(p),
-                    Incoming::Text => break Exit::Lost("protocol error: text message from gateway".into()),
-                    Incoming::Close => break Exit::Lost("gateway closed the connection".into()),
+                    Message::Ping(p) => sess.out.pong(p),
+                    Message::Pong => {}
+                    Message::Text => break Exit::Lost("protocol error: text message from gateway".into()),
+                    Message::Close(_) => break Exit::Lost("gateway closed the connection".into()),
                 }
             }
             _ = tick.tick() => {
@@ -381,7 +384,7 @@ pub(crate) async fn serve(
                 let _ = (&mut writer).await;
                 // Wait for the gateway's half of the closing handshake.
                 while let Ok(Some(m)) = reader.next().await {
-                    if m == Incoming::Close {
+                    if let Message::Close(_) = m {
                         break;
                     }
                 }

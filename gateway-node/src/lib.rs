@@ -16,7 +16,7 @@ pub mod session;
 pub mod store;
 pub mod tcp;
 pub mod telemetry;
-pub mod wsout;
+pub mod ws;
 
 pub use config::{Backends, NodeConfig, ServeArgs, StoreArgs};
 pub use error::Error;

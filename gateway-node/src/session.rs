@@ -8,15 +8,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix_http::ws::{CloseCode, CloseReason};
 use actix_web::body::{BodyStream, BoxBody};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage as WsMessage, CloseCode, CloseReason, ProtocolError};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use strait_schema::window::WindowPool;
+use strait_schema::ws::Message as WsMessage;
 use strait_schema::{
-    credentials, decode_bytes, encode, AgentName, ErrorCode, Frame, Hello, Limits, Pong, RefuseCode, Refused,
-    RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, CAP_INLINE_END, PROTOCOL_VERSION,
+    credentials, decode_bytes, encode, AgentName, DecodeError, ErrorCode, Frame, Hello, Limits, Pong, RefuseCode,
+    Refused, RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, CAP_INLINE_END,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 
@@ -24,7 +26,7 @@ use crate::cluster::BusOut;
 use crate::directory::Presence;
 use crate::node::{NodeState, Phase, SessionRef};
 use crate::store::now_ms;
-use crate::wsout::{AgentBody, Outgoing};
+use crate::ws::{agent_socket, Outgoing};
 
 /// Path of the agent WebSocket endpoint.
 pub const AGENT_PATH: &str = "/v1/connect";
@@ -401,16 +403,13 @@ pub async fn accept(
     if node.phase() != Phase::Ready {
         return Ok(HttpResponse::ServiceUnavailable().body("node is not accepting agents"));
     }
-    let (response, _session, stream) = actix_ws::handle(&req, body)?;
+    let mut response = actix_http::ws::handshake(req.head())?;
     let limits = node.cfg.limits;
-    let stream = stream
-        .max_frame_size(limits.max_frame_bytes as usize)
-        .aggregate_continuations()
-        .max_continuation_size(limits.max_frame_bytes as usize);
-    // Frames go out through our own body (wsout.rs), not actix-ws's `Session`.
+    // Both halves of the socket are ours (ws.rs): frames are read out of the upgraded request's
+    // bytes, and written as the response's body.
     let (tx, rx) = mpsc::unbounded_channel();
-    let (response, replaced) = response.into_parts();
-    let response = response.set_body(BoxBody::new(BodyStream::new(AgentBody::new(rx, replaced))));
+    let (stream, body) = agent_socket(body.into_inner(), rx, limits.max_frame_bytes as usize);
+    let response = HttpResponse::from(response.message_body(BoxBody::new(BodyStream::new(body)))?);
     let node = node.into_inner();
     let decode_limits = Limits {
         max_frame_bytes: limits.max_frame_bytes as usize,
@@ -844,8 +843,8 @@ async fn verify_hello(node: &NodeState, h: &Hello) -> Result<(), (RefuseCode, St
     }
 }
 
-impl StreamHandler<Result<WsMessage, ProtocolError>> for AgentSession {
-    fn handle(&mut self, msg: Result<WsMessage, ProtocolError>, ctx: &mut Self::Context) {
+impl StreamHandler<Result<WsMessage, DecodeError>> for AgentSession {
+    fn handle(&mut self, msg: Result<WsMessage, DecodeError>, ctx: &mut Self::Context) {
         self.last_seen = Instant::now();
         let bytes = match msg {
             Ok(WsMessage::Binary(b)) => b,
@@ -853,13 +852,13 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for AgentSession {
                 self.link.pong(p);
                 return;
             }
-            Ok(WsMessage::Pong(_)) => return,
-            Ok(WsMessage::Close(reason)) => {
-                tracing::debug!(?reason, "agent closed the WebSocket");
+            Ok(WsMessage::Pong) => return,
+            Ok(WsMessage::Close(code)) => {
+                tracing::debug!(?code, "agent closed the WebSocket");
                 self.close(ctx, CloseCode::Normal, "agent closed");
                 return;
             }
-            Ok(WsMessage::Text(_)) => {
+            Ok(WsMessage::Text) => {
                 self.refuse_frame("text_message");
                 tracing::info!(peer = ?self.peer, "text WebSocket message from agent; closing");
                 return self.close_or_refuse(
@@ -871,7 +870,7 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for AgentSession {
             Err(e) => {
                 self.refuse_frame("websocket_error");
                 tracing::info!(peer = ?self.peer, error = %e, "WebSocket protocol error from agent; closing");
-                let code = if matches!(e, ProtocolError::Overflow) {
+                let code = if matches!(e, DecodeError::TooLarge { .. }) {
                     CloseCode::Size
                 } else {
                     CloseCode::Protocol

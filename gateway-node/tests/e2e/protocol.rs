@@ -302,6 +302,19 @@ async fn malformed_input_closes_only_the_offending_connection() {
         assert_eq!(check_pattern(res, 1).await, 100, "{what}: the good agent was disturbed");
     }
 
+    // Below the messages: an unmasked frame (an agent is a client, whose frames are masked) and
+    // a reserved opcode, written straight onto the socket.
+    for (what, raw) in [
+        ("unmasked", &[0x82u8, 0x03, 1, 2, 3][..]),
+        ("opcode", &[0x83, 0x80, 0, 0, 0, 0][..]),
+    ] {
+        let mut ws = raw_agent(&node, what).await;
+        tokio::io::AsyncWriteExt::write_all(ws.get_mut(), raw).await.unwrap();
+        assert!(closed(&mut ws).await, "{what}: connection not closed");
+    }
+    let res = c.get(node.url("good", "/bytes/100?seed=1")).send().await.unwrap();
+    assert_eq!(check_pattern(res, 1).await, 100, "the good agent was disturbed");
+
     // Frames naming unknown streams get a Reset with a reason; the connection stays up.
     let mut ws = raw_agent(&node, "stray").await;
     ws.send(Message::Binary(valid.into())).await.unwrap();
@@ -321,7 +334,7 @@ async fn malformed_input_closes_only_the_offending_connection() {
     assert!(matches!(next_frame(&mut ws).await, Some(Frame::Pong(p)) if p.timestamp_ms == 42));
 
     let m = node.metrics().await;
-    for reason in ["malformed_frame", "text_message", "unknown_stream"] {
+    for reason in ["malformed_frame", "text_message", "unknown_stream", "websocket_error"] {
         assert!(
             m.contains(&format!("strait_frames_refused_total{{reason=\"{reason}\"}}")),
             "{reason} not counted:\n{m}"
