@@ -613,7 +613,10 @@ impl Session {
             recv_credit: RecvCredit::new(id, budget.clone(), window, self.out.clone()),
             inbound: in_rx,
         };
-        let task = self.tasks.spawn(run(ctx));
+        // Boxed: tokio writes a task's whole stage, as large as its future, when the task ends,
+        // and an exchange's future is ~3.7 KiB; that copy was ~5% of the agent's CPU on small
+        // requests (docs/benchmarks.md, seventeenth round). A box is one pointer.
+        let task = self.tasks.spawn(Box::pin(run(ctx)));
         self.task_streams.insert(task.id(), id);
         self.streams.insert(
             id,
