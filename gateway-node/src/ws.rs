@@ -42,8 +42,9 @@ pub enum Outgoing {
 /// for actix's write loop); larger ones are handed over as they are.
 const COPY_BELOW: usize = 4096;
 
-/// What the reading half reserves when no larger frame is pending.
-const READ_CHUNK: usize = 32 * 1024;
+/// A read buffer emptied by a message larger than this is let go, so an agent that moved a bulk
+/// transfer and went quiet holds no frame-sized allocation (the idle-agent memory target).
+const KEEP_EMPTY_BUFFER: usize = 64 * 1024;
 
 /// Both halves of one agent's WebSocket: the messages it sends, and the body that carries
 /// everything queued on `rx` to it. When the body is dropped (the connection is gone) the
@@ -56,7 +57,7 @@ pub fn agent_socket(
     let (gone_tx, gone_rx) = oneshot::channel();
     let frames = AgentFrames {
         payload,
-        buf: BytesMut::with_capacity(READ_CHUNK),
+        buf: BytesMut::new(),
         reader: Reader::new(Role::Server, max_message),
         gone: gone_rx,
         done: false,
@@ -92,7 +93,14 @@ impl Stream for AgentFrames {
         }
         loop {
             match this.reader.next(&mut this.buf) {
-                Ok(Some(m)) => return Poll::Ready(Some(Ok(m))),
+                Ok(Some(m)) => {
+                    let large = matches!(&m, Message::Binary(b) if b.len() > KEEP_EMPTY_BUFFER);
+                    if large && this.buf.is_empty() {
+                        // Its allocation is the message's: share it no longer.
+                        this.buf = BytesMut::new();
+                    }
+                    return Poll::Ready(Some(Ok(m)));
+                }
                 Ok(None) => {}
                 Err(e) => {
                     this.done = true;
@@ -333,6 +341,19 @@ mod tests {
             other => panic!("got {other:?}"),
         }
         assert_eq!(frames.next().await, None);
+    }
+
+    /// The allocation a large frame was read into is not kept by the reader once it is empty.
+    #[actix_rt::test]
+    async fn an_emptied_large_buffer_is_let_go() {
+        let mut wire = BytesMut::new();
+        ws::put_frame(&mut wire, Kind::Binary, &[1u8; 200_000], Some([1, 2, 3, 4]));
+        let (mut frames, _body) = socket(Some(vec![wire.freeze()]), 1 << 20);
+        let Some(Ok(Message::Binary(b))) = frames.next().await else {
+            panic!("no message")
+        };
+        assert_eq!(b.len(), 200_000);
+        assert!(b.is_unique(), "the reader still shares the message's allocation");
     }
 
     /// When the connection goes (actix drops the body) the messages end, even if actix never
