@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use actix::prelude::*;
 use parking_lot::Mutex;
 use strait_bus::Bus;
 use strait_schema::{AgentName, BusEnvelope, ErrorCode, Frame, Reset, StreamId};
@@ -14,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::node::{NodeState, SessionRef};
 use crate::session::{
-    to_local_caller, AgentLink, BodyEvent, FromCaller, OpenStream, StreamCloser, StreamEvent, StreamGrant,
+    to_local_caller, AgentLink, BodyEvent, FromCaller, OpenStream, StreamCloser, StreamEvent, StreamGrant, StreamOwner,
 };
 use crate::telemetry;
 
@@ -79,7 +78,7 @@ impl BusOut {
 
 /// A stream this node opened for a caller, on an agent held by another node.
 struct RemoteEntry {
-    ctl: Recipient<StreamEvent>,
+    ctl: StreamOwner,
     body: mpsc::UnboundedSender<BodyEvent>,
     node: String,
 }
@@ -115,7 +114,7 @@ impl RemoteStreams {
             let _ = e.body.send(BodyEvent::Reset(ErrorCode::AgentUnavailable, why.into()));
             let _ = e
                 .ctl
-                .try_send(StreamEvent::Reset(ErrorCode::AgentUnavailable, why.into()));
+                .deliver(StreamEvent::Reset(ErrorCode::AgentUnavailable, why.into()));
         }
         gone.len()
     }

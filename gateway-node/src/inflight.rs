@@ -1,6 +1,11 @@
-//! One actor per external request: owns the caller side of a stream — the head timer, the
-//! request-body pump and its send credit, and the cleanup that tells the agent when the caller
-//! is gone.
+//! The caller side of one ingress request: how the agent's answer reaches the waiting handler
+//! (its head through a one-shot, credit straight into the body pump's semaphore), the head
+//! timer, the request-body pump, and the cleanup that tells the agent when the caller is gone.
+//!
+//! No actor sits between the agent's session and the handler: a small request used to cost an
+//! actor spawn, a mailbox and one more task wake-up each way (docs/benchmarks.md, eighteenth
+//! round). `Request` is owned by the handler, then by the response body, and whichever drops it
+//! ends the stream.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,9 +13,9 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
-use actix::prelude::*;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use parking_lot::Mutex;
 use strait_schema::window::Window;
 use strait_schema::{Credit, Data, ErrorCode, Fin, Frame, Reset, ResponseHead, StreamId};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -21,55 +26,89 @@ use crate::session::{AgentLink, BodyEvent, StreamCloser, StreamEvent, StreamGran
 /// How a request ended before or instead of a response head.
 pub type HeadResult = Result<ResponseHead, (ErrorCode, String)>;
 
-/// The response body finished (`complete`) or was dropped by the caller.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct BodyDone {
-    /// True when the agent's `Fin` was reached.
-    pub complete: bool,
+/// What the agent's session (or the bus bridge) hands an ingress request: the head to the
+/// handler waiting for it, credit to the body pump, a reset to both.
+pub struct RequestCtl {
+    head: Mutex<Option<oneshot::Sender<HeadResult>>>,
+    credit: Arc<Semaphore>,
 }
 
-/// The caller's handler went away before a head arrived (client disconnected).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct CallerGone;
+impl RequestCtl {
+    /// For a stream whose agent granted `window` bytes of request body; the receiver is where
+    /// the handler waits for the head.
+    pub fn new(window: u32) -> (Arc<Self>, oneshot::Receiver<HeadResult>) {
+        let (tx, rx) = oneshot::channel();
+        let ctl = RequestCtl {
+            head: Mutex::new(Some(tx)),
+            credit: Arc::new(Semaphore::new(window as usize)),
+        };
+        (Arc::new(ctl), rx)
+    }
 
-/// Caller side of one stream.
-pub struct InFlight {
+    /// False when the event cannot be delivered: a head nobody waits for any more (the stream
+    /// should be reset).
+    pub fn deliver(&self, ev: StreamEvent) -> bool {
+        match ev {
+            StreamEvent::Head(h) => match self.head.lock().take() {
+                Some(tx) => tx.send(Ok(h)).is_ok(),
+                None => false,
+            },
+            StreamEvent::Credit(n) => {
+                // Bound the permits so a misbehaving agent cannot overflow the semaphore.
+                if self.credit.available_permits() < Semaphore::MAX_PERMITS / 2 {
+                    self.credit.add_permits(n as usize);
+                }
+                true
+            }
+            StreamEvent::Reset(code, why) => {
+                // The pump stops at its next wait for credit; the body sees the reset itself.
+                self.credit.close();
+                if let Some(tx) = self.head.lock().take() {
+                    let _ = tx.send(Err((code, why)));
+                }
+                true
+            }
+        }
+    }
+}
+
+/// The caller side of one opened stream. Dropping it ends the stream: the agent is told when the
+/// caller went away before the stream was complete, and the outcome is recorded.
+pub struct Request {
     id: StreamId,
     node: Arc<NodeState>,
     closer: StreamCloser,
     link: AgentLink,
-    head_tx: Option<oneshot::Sender<HeadResult>>,
-    send_credit: Arc<Semaphore>,
     pump: Option<actix_rt::task::JoinHandle<()>>,
     started: Instant,
     outcome: Option<&'static str>,
+    head_seen: bool,
+    /// The agent knows the stream is over: its `Fin`, its `Reset` or a head with `end` came, or
+    /// we reset it.
     finished: bool,
 }
 
-impl InFlight {
-    /// Builds the actor for an opened stream.
-    pub fn new(id: StreamId, node: Arc<NodeState>, grant: &StreamGrant, head_tx: oneshot::Sender<HeadResult>) -> Self {
-        InFlight {
+impl Request {
+    /// The caller side of the stream `grant` opened.
+    pub fn new(id: StreamId, node: Arc<NodeState>, grant: &StreamGrant) -> Self {
+        Request {
             id,
             node,
             closer: grant.closer.clone(),
             link: grant.link.clone(),
-            head_tx: Some(head_tx),
-            send_credit: Arc::new(Semaphore::new(grant.limits.stream_window as usize)),
             pump: None,
             started: Instant::now(),
             outcome: None,
+            head_seen: false,
             finished: false,
         }
     }
 
-    /// Starts pumping the request body towards the agent, within its credit. (A request without
-    /// a body has none to pump: its head carried `end`.) The payload is `!Send`, so the pump runs
-    /// on this worker's thread.
-    pub fn pump_body(&mut self, mut body: actix_web::web::Payload, max_data: usize) {
-        let (link, id, credit, node) = (self.link.clone(), self.id, self.send_credit.clone(), self.node.clone());
+    /// Starts pumping the request body towards the agent, within the credit `ctl` receives. (A
+    /// request without a body has none to pump: its head carried `end`.) The payload is `!Send`,
+    /// so the pump runs on this worker's thread.
+    pub fn pump_body(&mut self, mut body: actix_web::web::Payload, ctl: &RequestCtl, max_data: usize) {
+        let (link, id, credit, node) = (self.link.clone(), self.id, ctl.credit.clone(), self.node.clone());
         self.pump = Some(actix_rt::spawn(async move {
             while let Some(chunk) = body.next().await {
                 let Ok(mut chunk) = chunk else {
@@ -99,13 +138,30 @@ impl InFlight {
         }));
     }
 
-    /// Answers the caller's handler once; later answers (after a head went out) are no-ops.
-    fn answer(&mut self, res: HeadResult) {
-        let Some(tx) = self.head_tx.take() else { return };
-        if let Err((code, _)) = &res {
-            self.outcome.get_or_insert(code.as_str());
+    /// Waits for the agent's head, up to the head timeout (then the agent is told, and the
+    /// caller gets 504 `TIMEOUT`).
+    pub async fn head(&mut self, rx: oneshot::Receiver<HeadResult>) -> HeadResult {
+        let res = match actix_rt::time::timeout(self.node.cfg.head_timeout, rx).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(_)) => Err((ErrorCode::Internal, "stream ended without an answer".into())),
+            Err(_) => {
+                tracing::info!(stream = %self.id, "no response head within the head timeout");
+                self.reset_agent(ErrorCode::Timeout, "no response head in time");
+                Err((ErrorCode::Timeout, "the agent did not answer in time".into()))
+            }
+        };
+        match &res {
+            Ok(h) => {
+                self.head_seen = true;
+                // The head carried the whole response: the stream is complete.
+                self.finished = h.end;
+            }
+            Err((code, _)) => {
+                self.finished = true;
+                self.outcome = Some(code.as_str());
+            }
         }
-        let _ = tx.send(res);
+        res
     }
 
     fn reset_agent(&self, code: ErrorCode, why: &str) {
@@ -117,96 +173,21 @@ impl InFlight {
     }
 }
 
-impl Actor for InFlight {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(256);
-        ctx.run_later(self.node.cfg.head_timeout, |this, ctx| {
-            if this.head_tx.is_some() {
-                tracing::info!(stream = %this.id, "no response head within the head timeout");
-                this.reset_agent(ErrorCode::Timeout, "no response head in time");
-                this.finished = true;
-                this.answer(Err((ErrorCode::Timeout, "the agent did not answer in time".into())));
-                ctx.stop();
-            }
-        });
-    }
-
-    fn stopped(&mut self, _: &mut Self::Context) {
+impl Drop for Request {
+    fn drop(&mut self) {
+        // Every exit path ends here, so the agent never keeps a stream nobody reads.
         if let Some(p) = self.pump.take() {
             p.abort();
         }
         if !self.finished {
             self.reset_agent(ErrorCode::Reset, "caller went away");
+            let gone = if self.head_seen { "aborted" } else { "caller_gone" };
+            self.outcome.get_or_insert(gone);
         }
-        self.answer(Err((ErrorCode::Reset, "stream ended".into())));
         self.closer.close(self.id);
         let m = &self.node.metrics;
         m.requests.with_label_values(&[self.outcome.unwrap_or("ok")]).inc();
         m.request_seconds.observe(self.started.elapsed().as_secs_f64());
-    }
-}
-
-impl Handler<StreamEvent> for InFlight {
-    type Result = ();
-    fn handle(&mut self, ev: StreamEvent, ctx: &mut Self::Context) {
-        match ev {
-            StreamEvent::Head(h) => {
-                if self.head_tx.is_none() {
-                    ctx.stop();
-                    return;
-                }
-                let whole = h.end;
-                self.answer(Ok(h));
-                if whole {
-                    // The head carried the whole response: the stream is complete.
-                    self.finished = true;
-                    ctx.stop();
-                }
-            }
-            StreamEvent::Credit(n) => {
-                // Bound the permits so a misbehaving agent cannot overflow the semaphore.
-                if self.send_credit.available_permits() < Semaphore::MAX_PERMITS / 2 {
-                    self.send_credit.add_permits(n as usize);
-                }
-            }
-            StreamEvent::Reset(code, why) => {
-                self.finished = true;
-                if self.head_tx.is_some() {
-                    self.answer(Err((code, why)));
-                    ctx.stop();
-                } else {
-                    // The body sees the reset too and aborts the response; the pump stops now.
-                    self.outcome = Some(code.as_str());
-                    if let Some(p) = self.pump.take() {
-                        p.abort();
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Handler<BodyDone> for InFlight {
-    type Result = ();
-    fn handle(&mut self, msg: BodyDone, ctx: &mut Self::Context) {
-        if msg.complete {
-            self.finished = true;
-        } else if self.outcome.is_none() {
-            self.outcome = Some("aborted");
-        }
-        ctx.stop();
-    }
-}
-
-impl Handler<CallerGone> for InFlight {
-    type Result = ();
-    fn handle(&mut self, _: CallerGone, ctx: &mut Self::Context) {
-        if self.head_tx.is_some() {
-            self.outcome = Some("caller_gone");
-            ctx.stop();
-        }
     }
 }
 
@@ -251,26 +232,31 @@ impl CreditReturner {
 
 /// The response body: reads the stream's body events and returns credit to the agent as the
 /// caller's connection takes bytes, so a slow caller holds at most one window of this stream.
+/// It owns the [`Request`], so the stream ends when the caller's connection lets go of it.
 pub struct TunnelBody {
     rx: mpsc::UnboundedReceiver<BodyEvent>,
     credit: CreditReturner,
-    inflight: Addr<InFlight>,
+    request: Request,
     done: bool,
 }
 
 impl TunnelBody {
     /// Wraps a stream's body channel.
-    pub fn new(
-        rx: mpsc::UnboundedReceiver<BodyEvent>,
-        grant: &StreamGrant,
-        id: StreamId,
-        inflight: Addr<InFlight>,
-    ) -> Self {
+    pub fn new(rx: mpsc::UnboundedReceiver<BodyEvent>, grant: &StreamGrant, id: StreamId, request: Request) -> Self {
         TunnelBody {
             rx,
             credit: CreditReturner::new(grant, id),
-            inflight,
+            request,
             done: false,
+        }
+    }
+
+    /// The stream is over as far as the agent is concerned (`outcome` if it did not end well).
+    fn end(&mut self, outcome: Option<&'static str>) {
+        self.done = true;
+        self.request.finished = true;
+        if let Some(o) = outcome {
+            self.request.outcome.get_or_insert(o);
         }
     }
 }
@@ -289,26 +275,19 @@ impl Stream for TunnelBody {
                 Poll::Ready(Some(Ok(b)))
             }
             Poll::Ready(Some(BodyEvent::Fin)) => {
-                self.done = true;
+                self.end(None);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(BodyEvent::Reset(code, why))) => {
-                self.done = true;
+                self.end(Some(code.as_str()));
                 Poll::Ready(Some(Err(std::io::Error::other(format!("{code}: {why}")))))
             }
             Poll::Ready(None) => {
-                self.done = true;
+                // The session dropped the stream: there is no one left to tell.
+                self.end(Some("aborted"));
                 Poll::Ready(Some(Err(std::io::Error::other("agent session ended"))))
             }
             Poll::Pending => Poll::Pending,
         }
-    }
-}
-
-impl Drop for TunnelBody {
-    fn drop(&mut self) {
-        // `done` without error means the Fin was reached; the flag for errors is set too, but then
-        // InFlight already recorded the reset outcome.
-        self.inflight.do_send(BodyDone { complete: self.done });
     }
 }

@@ -3,19 +3,18 @@
 
 use std::sync::Arc;
 
-use actix::prelude::*;
 use actix_web::body::{BodyStream, SizedStream};
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use strait_schema::{AgentName, ErrorCode, Frame, Header, RequestHead, StreamId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::cluster::{self, Target};
-use crate::inflight::{CallerGone, InFlight, TunnelBody};
+use crate::inflight::{Request, RequestCtl, TunnelBody};
 use crate::node::NodeState;
-use crate::session::{OpenStream, StreamCloser};
+use crate::session::{OpenStream, StreamCloser, StreamOwner};
 
 /// Headers that describe one connection, not the message; a proxy never forwards them
 /// (RFC 9110 §7.6.1), nor any header the `Connection` header names.
@@ -83,24 +82,14 @@ pub fn route_host(host: &str, domain: &str) -> Option<(AgentName, String)> {
     }
 }
 
-/// Unregisters a stream whose handler was dropped (caller gone) before its InFlight ran.
+/// Unregisters a stream whose handler was dropped (caller gone) before its [`Request`] took
+/// over.
 struct OpenGuard(Option<(StreamCloser, StreamId)>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         if let Some((closer, id)) = self.0.take() {
             closer.close(id);
-        }
-    }
-}
-
-/// Tells the InFlight actor when the caller's handler is dropped before a head arrived.
-struct CallerGuard(Option<Addr<InFlight>>);
-
-impl Drop for CallerGuard {
-    fn drop(&mut self) {
-        if let Some(a) = self.0.take() {
-            a.do_send(CallerGone);
         }
     }
 }
@@ -160,8 +149,7 @@ async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeStat
     };
 
     let (body_tx, body_rx) = mpsc::unbounded_channel();
-    let ctx = actix::Context::<InFlight>::new();
-    let addr = ctx.address();
+    let (ctl, head_rx) = RequestCtl::new(node.cfg.limits.stream_window);
     let closer = match &target {
         Target::Local(s) => StreamCloser::Local(s.streams.clone()),
         Target::Remote { .. } => StreamCloser::Remote(node.clone()),
@@ -169,7 +157,7 @@ async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeStat
     let mut open_guard = OpenGuard(Some((closer, id)));
     let open = OpenStream {
         id,
-        ctl: addr.clone().recipient(),
+        ctl: StreamOwner::Request(ctl.clone()),
         body: body_tx,
         expects_head: true,
     };
@@ -180,26 +168,20 @@ async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeStat
             return error_response(code, &why);
         }
     };
-    let (head_tx, head_rx) = oneshot::channel();
-    let mut inflight = InFlight::new(id, node.clone(), &grant, head_tx);
     if !grant.link.send(&Frame::RequestHead(head)) {
         return error_response(ErrorCode::AgentUnavailable, &format!("agent {agent} disconnected"));
     }
-    if has_body {
-        inflight.pump_body(payload, grant.limits.max_data_bytes as usize);
-    }
+    // From here the request ends the stream however this handler ends, also by being dropped.
     open_guard.0 = None;
-    ctx.run(inflight);
-
-    let mut guard = CallerGuard(Some(addr.clone()));
-    let res = head_rx.await;
-    guard.0 = None;
-    let head = match res {
-        Ok(Ok(h)) => h,
-        Ok(Err((code, why))) => return error_response(code, &why),
-        Err(_) => return error_response(ErrorCode::Internal, "stream ended without an answer"),
+    let mut request = Request::new(id, node.clone(), &grant);
+    if has_body {
+        request.pump_body(payload, &ctl, grant.limits.max_data_bytes as usize);
+    }
+    let head = match request.head(head_rx).await {
+        Ok(h) => h,
+        Err((code, why)) => return error_response(code, &why),
     };
-    let body = (!head.end).then(|| TunnelBody::new(body_rx, &grant, id, addr));
+    let body = (!head.end).then(|| TunnelBody::new(body_rx, &grant, id, request));
     response(&req, head, body)
 }
 

@@ -267,6 +267,10 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     .disable_signals()
     // Frames are small and latency-bound; Nagle plus delayed ACKs cost 40 ms stalls.
     .tcp_nodelay(true)
+    // A caller that hangs up before its answer drops its handler at once, which resets the
+    // stream on the agent (as a proxy's "client aborted"); allowing half-closed connections
+    // kept the agent working for nobody until it answered or the head timeout fired.
+    .h1_allow_half_closed(false)
     .shutdown_timeout(grace)
     .listen(listeners.agent)?
     .listen(listeners.http)?

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::cluster::BusOut;
 use crate::directory::Presence;
+use crate::inflight::RequestCtl;
 use crate::node::{NodeState, Phase, SessionRef};
 use crate::store::now_ms;
 use crate::ws::{agent_socket, Outgoing};
@@ -113,7 +114,26 @@ impl StreamCloser {
     }
 }
 
-/// Events for a stream's owner (the `InFlight` actor), in arrival order.
+/// Where a stream's control events go on the caller's node.
+#[derive(Clone)]
+pub enum StreamOwner {
+    /// An actor (a TCP route's `RawStream`).
+    Actor(Recipient<StreamEvent>),
+    /// An ingress request, answered without an actor.
+    Request(Arc<RequestCtl>),
+}
+
+impl StreamOwner {
+    /// False when the owner is gone or cannot take the event (the stream should be reset).
+    pub fn deliver(&self, ev: StreamEvent) -> bool {
+        match self {
+            StreamOwner::Actor(r) => r.try_send(ev).is_ok(),
+            StreamOwner::Request(c) => c.deliver(ev),
+        }
+    }
+}
+
+/// Events for a stream's owner, in arrival order.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub enum StreamEvent {
@@ -139,9 +159,9 @@ pub enum BodyEvent {
 /// Hands a frame from the agent to a caller on this node, whichever node the agent is on: the
 /// head, credit and resets to its control mailbox, the body to its body channel. False if the
 /// control mailbox is gone or full (the stream should be reset).
-pub fn to_local_caller(ctl: &Recipient<StreamEvent>, body: &mpsc::UnboundedSender<BodyEvent>, frame: Frame) -> bool {
+pub fn to_local_caller(ctl: &StreamOwner, body: &mpsc::UnboundedSender<BodyEvent>, frame: Frame) -> bool {
     match frame {
-        Frame::ResponseHead(h) => ctl.try_send(StreamEvent::Head(h)).is_ok(),
+        Frame::ResponseHead(h) => ctl.deliver(StreamEvent::Head(h)),
         Frame::Data(d) => {
             let _ = body.send(BodyEvent::Data(d.bytes));
             true
@@ -150,10 +170,10 @@ pub fn to_local_caller(ctl: &Recipient<StreamEvent>, body: &mpsc::UnboundedSende
             let _ = body.send(BodyEvent::Fin);
             true
         }
-        Frame::Credit(c) => ctl.try_send(StreamEvent::Credit(c.bytes)).is_ok(),
+        Frame::Credit(c) => ctl.deliver(StreamEvent::Credit(c.bytes)),
         Frame::Reset(r) => {
             let _ = body.send(BodyEvent::Reset(r.code, r.reason.clone()));
-            let _ = ctl.try_send(StreamEvent::Reset(r.code, r.reason));
+            let _ = ctl.deliver(StreamEvent::Reset(r.code, r.reason));
             true
         }
         _ => true,
@@ -181,7 +201,7 @@ pub struct OpenStream {
     /// New stream id.
     pub id: StreamId,
     /// Receives head, credit and reset events.
-    pub ctl: Recipient<StreamEvent>,
+    pub ctl: StreamOwner,
     /// Receives the body.
     pub body: mpsc::UnboundedSender<BodyEvent>,
     /// HTTP streams start with the agent's `ResponseHead`; byte streams carry data at once.
@@ -214,9 +234,9 @@ pub struct FromCaller {
 
 /// Who is at the other end of a stream.
 enum Caller {
-    /// An InFlight/RawStream on this node.
+    /// A request or a `RawStream` on this node.
     Local {
-        ctl: Recipient<StreamEvent>,
+        ctl: StreamOwner,
         body: mpsc::UnboundedSender<BodyEvent>,
     },
     /// A caller on another node; the agent's frames are relayed there over the bus.
@@ -1036,7 +1056,7 @@ mod tests {
         };
         let open = |id: u64| OpenStream {
             id: StreamId(id),
-            ctl: owner.clone().recipient(),
+            ctl: StreamOwner::Actor(owner.clone().recipient()),
             body: mpsc::unbounded_channel().0,
             expects_head: true,
         };

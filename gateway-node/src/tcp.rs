@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::cluster;
 use crate::inflight::CreditReturner;
 use crate::node::NodeState;
-use crate::session::{AgentLink, BodyEvent, OpenStream, StreamCloser, StreamEvent};
+use crate::session::{AgentLink, BodyEvent, OpenStream, StreamCloser, StreamEvent, StreamOwner};
 use crate::store::{now_ms, Route};
 
 /// Keeps one listener per stored route, reloading the route table every `cfg.route_poll`, so
@@ -124,7 +124,7 @@ async fn open(state: Arc<NodeState>, route: Route, sock: tokio::net::TcpStream, 
     let addr = ctx.address();
     let open = OpenStream {
         id,
-        ctl: addr.recipient(),
+        ctl: StreamOwner::Actor(addr.recipient()),
         body: body_tx,
         expects_head: false,
     };

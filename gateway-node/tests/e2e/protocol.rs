@@ -369,3 +369,50 @@ async fn a_silent_agent_is_dropped_and_its_callers_answered() {
     assert_eq!(code.unwrap(), "AGENT_UNAVAILABLE");
     assert!(took < Duration::from_secs(3), "caller waited {took:?}");
 }
+
+/// A caller that hangs up before the agent answered: the agent is told (`Reset`, "caller went
+/// away"), the stream leaves the session's table (a late head is answered as for an unknown
+/// stream), and the request is counted as `caller_gone`.
+#[actix_rt::test]
+async fn a_caller_that_hangs_up_before_the_head_resets_its_stream() {
+    // Heartbeats far apart: this hand-driven agent answers none.
+    let node = TestNode::with(|c| c.heartbeat = Duration::from_secs(5)).await;
+    let mut ws = raw_agent(&node, "slowpoke").await;
+    let mut caller = tokio::net::TcpStream::connect(node.http_addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut caller, b"GET / HTTP/1.1\r\nHost: slowpoke.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let id = match next_frame(&mut ws).await {
+        Some(Frame::RequestHead(h)) => h.stream,
+        other => panic!("expected the request head, got {other:?}"),
+    };
+    drop(caller);
+    match next_frame(&mut ws).await {
+        Some(Frame::Reset(r)) => {
+            assert_eq!((r.stream, r.code), (id, ErrorCode::Reset));
+            assert!(r.reason.contains("caller went away"), "{}", r.reason);
+        }
+        other => panic!("expected Reset, got {other:?}"),
+    }
+    eventually(Duration::from_secs(5), "the request counted as caller_gone", || async {
+        crate::http::metric_value(&node.metrics().await, "strait_requests_total{outcome=\"caller_gone\"}") == 1
+    })
+    .await;
+    let late = ResponseHead {
+        stream: id,
+        status: 200,
+        headers: vec![],
+        end: true,
+        body: Default::default(),
+    };
+    ws.send(Message::Binary(encode(&Frame::ResponseHead(late)).into()))
+        .await
+        .unwrap();
+    match next_frame(&mut ws).await {
+        Some(Frame::Reset(r)) => {
+            assert_eq!(r.stream, id);
+            assert!(r.reason.contains("unknown stream"), "{}", r.reason);
+        }
+        other => panic!("expected Reset for the late head, got {other:?}"),
+    }
+}
