@@ -202,13 +202,16 @@ pub(crate) struct RecvCredit {
 }
 
 impl RecvCredit {
-    /// `threshold` batches credit: one `Credit` frame per that many consumed bytes.
+    /// Credit goes back in batches of half the window: one `Credit` frame per half window, so a
+    /// MiB of upload costs two across nodes, where each frame is a bus message (a quarter window
+    /// cost four; docs/benchmarks.md, nineteenth round). On loopback half a window is still
+    /// returned long before the sender runs dry.
     pub(crate) fn new(stream: StreamId, budget: Arc<AtomicI64>, window: u32, out: Outbound) -> Self {
         RecvCredit {
             stream,
             budget,
             pending: 0,
-            threshold: u64::from((window / 4).max(1)),
+            threshold: u64::from((window / 2).max(1)),
             out,
         }
     }
@@ -339,6 +342,37 @@ mod tests {
         assert!(!waiter.is_finished());
         c.grant(3);
         assert_eq!(waiter.await.unwrap(), 3);
+    }
+
+    /// Credit goes back in half-window batches (one `Credit` per half window, not per chunk), and
+    /// the budget is widened before the gateway can hear of it.
+    #[tokio::test]
+    async fn receive_credit_is_granted_in_half_window_batches() {
+        let (data_tx, _data_rx) = mpsc::channel(8);
+        let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel();
+        let out = Outbound::new(data_tx, ctrl_tx, 1 << 20);
+        let budget = Arc::new(AtomicI64::new(1000));
+        let mut credit = RecvCredit::new(StreamId(9), budget.clone(), 1000, out);
+        credit.consumed(300);
+        credit.consumed(199);
+        assert!(ctrl_rx.try_recv().is_err(), "no grant below half a window");
+        credit.consumed(1);
+        assert_eq!(budget.load(Ordering::Acquire), 1500);
+        let Ok(Outgoing::Frame(bytes)) = ctrl_rx.try_recv() else {
+            panic!("a grant at half a window")
+        };
+        let frame = strait_schema::decode(&bytes, &strait_schema::Limits::default()).unwrap();
+        assert_eq!(
+            frame,
+            Frame::Credit(Credit {
+                stream: StreamId(9),
+                bytes: 500
+            })
+        );
+        credit.consumed(7);
+        credit.flush();
+        assert!(ctrl_rx.try_recv().is_ok(), "flush grants the rest");
+        assert_eq!(budget.load(Ordering::Acquire), 1507);
     }
 
     #[test]
