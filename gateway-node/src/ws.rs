@@ -22,7 +22,7 @@ use actix_web::dev::Payload;
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use strait_schema::ws::{self, Kind, Message, Reader, Role};
-use strait_schema::{data_padding, Data, DecodeError};
+use strait_schema::{Data, DecodeError};
 use tokio::sync::{mpsc, oneshot};
 
 /// What the session sends on the agent's socket, in order.
@@ -167,8 +167,9 @@ impl AgentBody {
                 } else {
                     self.pending.push_back(head.freeze());
                     self.pending.push_back(d.bytes);
-                    if data_padding(len) > 0 {
-                        self.pending.push_back(Bytes::from_static(ws::data_tail(len)));
+                    let tail = ws::data_tail(len);
+                    if !tail.is_empty() {
+                        self.pending.push_back(Bytes::from_static(tail));
                     }
                 }
             }
@@ -354,6 +355,27 @@ mod tests {
         };
         assert_eq!(b.len(), 200_000);
         assert!(b.is_unique(), "the reader still shares the message's allocation");
+    }
+
+    /// A connection that fails mid-frame ends the messages; what came whole before it is kept.
+    #[actix_rt::test]
+    async fn a_failed_connection_ends_the_messages() {
+        let mut wire = BytesMut::new();
+        ws::put_frame(&mut wire, Kind::Binary, b"whole", Some([1, 2, 3, 4]));
+        ws::put_frame(&mut wire, Kind::Binary, &[0u8; 500], Some([1, 2, 3, 4]));
+        let cut = wire.len() - 100;
+        let chunks = vec![
+            Ok(wire.split_to(cut).freeze()),
+            Err(actix_http::error::PayloadError::Incomplete(None)),
+        ];
+        let payload = Payload::from(Box::pin(futures_util::stream::iter(chunks)) as actix_http::BoxedPayloadStream);
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let (mut frames, _body) = agent_socket(payload, rx, 1 << 20);
+        assert_eq!(
+            frames.next().await,
+            Some(Ok(Message::Binary(Bytes::from_static(b"whole"))))
+        );
+        assert_eq!(frames.next().await, None);
     }
 
     /// When the connection goes (actix drops the body) the messages end, even if actix never

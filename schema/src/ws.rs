@@ -361,7 +361,7 @@ fn put_masked(dst: &mut BytesMut, src: &[u8], key: [u8; 4], at: &mut usize) {
 
 /// XORs `bytes` with the mask, as the payload bytes `offset..` of a frame. Masking is its own
 /// inverse, so this also unmasks.
-pub fn apply_mask(bytes: &mut [u8], key: [u8; 4], offset: usize) {
+fn apply_mask(bytes: &mut [u8], key: [u8; 4], offset: usize) {
     let k: [u8; 4] = std::array::from_fn(|i| key[(offset + i) % 4]);
     let word = u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]);
     let (words, rest) = bytes.as_chunks_mut::<8>();
