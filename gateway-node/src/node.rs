@@ -7,7 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_http::HttpService;
+use actix_service::{fn_service, map_config};
+use actix_web::dev::AppConfig;
+use actix_web::{web, App, HttpServer};
+use futures_util::FutureExt;
 use parking_lot::RwLock;
 use strait_bus::{AmqpBus, Bus, BusConfig, InProcessBus, OffsetStore};
 use strait_schema::window::WindowPool;
@@ -254,27 +258,45 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
 
     // The agent endpoint and the ingress share one server, so one set of workers: a request
     // whose caller and agent connections landed on the same worker never leaves its thread, and
-    // a thread hand-off costs more CPU than the relay itself (docs/benchmarks.md).
-    let agent_addr = listeners.agent.local_addr()?;
+    // a thread hand-off costs more CPU than the relay itself (docs/benchmarks.md). Agents are
+    // served on the raw socket (ws.rs), callers by actix-http.
+    let http_addr = listeners.http.local_addr()?;
+    let builder = actix_server::Server::build();
+    let closing = builder.graceful_shutdown_signal();
+    let node = state.clone();
     let d = data.clone();
-    let srv = HttpServer::new(move || {
-        App::new()
-            .app_data(d.clone())
-            .default_service(web::to(move |req, payload, node| serve(agent_addr, req, payload, node)))
-    })
-    .workers(cfg.workers)
-    .backlog(4096)
-    .disable_signals()
-    // Frames are small and latency-bound; Nagle plus delayed ACKs cost 40 ms stalls.
-    .tcp_nodelay(true)
-    // A caller that hangs up before its answer drops its handler at once, which resets the
-    // stream on the agent (as a proxy's "client aborted"); allowing half-closed connections
-    // kept the agent working for nobody until it answered or the head timeout fired.
-    .h1_allow_half_closed(false)
-    .shutdown_timeout(grace)
-    .listen(listeners.agent)?
-    .listen(listeners.http)?
-    .run();
+    let srv = builder
+        .workers(cfg.workers)
+        .backlog(4096)
+        .disable_signals()
+        .shutdown_timeout(grace)
+        // The service runs as long as the agent's connection, so a graceful stop waits for it.
+        .listen("agents", listeners.agent, move || {
+            let node = node.clone();
+            fn_service(move |io: actix_rt::net::TcpStream| {
+                session::accept(io, node.clone()).map(Ok::<_, std::convert::Infallible>)
+            })
+        })?
+        .listen("ingress", listeners.http, move || {
+            let closing = closing.clone();
+            let app = App::new().app_data(d.clone()).default_service(web::to(ingress::handle));
+            HttpService::build()
+                .graceful_shutdown_signal(move || {
+                    let closing = closing.clone();
+                    async move { closing.notified().await }
+                })
+                .local_addr(http_addr)
+                // Frames are small and latency-bound; Nagle plus delayed ACKs cost 40 ms stalls.
+                .tcp_nodelay(true)
+                // A caller that hangs up before its answer drops its handler at once, which
+                // resets the stream on the agent (as a proxy's "client aborted"); allowing
+                // half-closed connections kept the agent working for nobody until it answered
+                // or the head timeout fired.
+                .h1_allow_half_closed(false)
+                .finish(map_config(app, |_| AppConfig::default()))
+                .tcp()
+        })?
+        .run();
     let d = data.clone();
     let ops_srv = HttpServer::new(move || App::new().app_data(d.clone()).configure(ops::routes))
         .workers(1)
@@ -352,28 +374,6 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     state.phase.send_replace(Phase::Stopped);
     tracing::info!(node = %cfg.node_id, "stopped");
     Ok(())
-}
-
-/// Every request on the shared server: the agent endpoint on the agent listener, the ingress
-/// on the other one.
-async fn serve(
-    agent_listener: std::net::SocketAddr,
-    req: HttpRequest,
-    payload: web::Payload,
-    node: web::Data<NodeState>,
-) -> HttpResponse {
-    if req.app_config().local_addr() != agent_listener {
-        return ingress::handle(req, payload, node).await;
-    }
-    if req.path() != session::AGENT_PATH {
-        return HttpResponse::NotFound().finish();
-    }
-    if req.method() != actix_web::http::Method::GET {
-        return HttpResponse::MethodNotAllowed().finish();
-    }
-    session::accept(req, payload, node)
-        .await
-        .unwrap_or_else(HttpResponse::from)
 }
 
 /// Keeps this node's liveness key fresh, and resets streams whose agent sat on a node that

@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason};
-use actix_web::body::{BodyStream, BoxBody};
-use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use strait_schema::window::WindowPool;
@@ -20,6 +18,8 @@ use strait_schema::{
     Refused, RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, CAP_INLINE_END,
     PROTOCOL_VERSION,
 };
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::cluster::BusOut;
@@ -27,7 +27,7 @@ use crate::directory::Presence;
 use crate::inflight::RequestCtl;
 use crate::node::{NodeState, Phase, SessionRef};
 use crate::store::now_ms;
-use crate::ws::{agent_socket, Outgoing};
+use crate::ws::{agent_socket, read_upgrade, Outgoing, UpgradeRefused};
 
 /// Path of the agent WebSocket endpoint.
 pub const AGENT_PATH: &str = "/v1/connect";
@@ -414,23 +414,42 @@ pub struct AgentSession {
     instance_id: String,
 }
 
-/// Upgrades an agent's HTTP request to the WebSocket and starts its session actor.
-pub async fn accept(
-    req: HttpRequest,
-    body: web::Payload,
-    node: web::Data<NodeState>,
-) -> actix_web::Result<HttpResponse> {
-    if node.phase() != Phase::Ready {
-        return Ok(HttpResponse::ServiceUnavailable().body("node is not accepting agents"));
+/// Serves one connection to the agent listener: answers the WebSocket upgrade (within the
+/// handshake timeout), starts the session actor on the socket and writes for it until the
+/// connection ends. A request the node does not take gets its HTTP status and reason, and is
+/// logged.
+pub async fn accept(mut io: TcpStream, node: Arc<NodeState>) {
+    let peer = io.peer_addr().ok();
+    // Frames are small and latency-bound; Nagle plus delayed ACKs cost 40 ms stalls.
+    let _ = io.set_nodelay(true);
+    let timeout = node.cfg.handshake_timeout;
+    let upgrade = match tokio::time::timeout(timeout, read_upgrade(&mut io, AGENT_PATH)).await {
+        Ok(Ok(_)) if node.phase() != Phase::Ready => Err(UpgradeRefused {
+            status: 503,
+            why: "node is not accepting agents".into(),
+        }),
+        Ok(u) => u,
+        Err(_) => Err(UpgradeRefused {
+            status: 408,
+            why: format!("no upgrade request within {} ms", timeout.as_millis()),
+        }),
+    };
+    let (response, read_ahead) = match upgrade {
+        Ok(u) => u,
+        Err(refused) => {
+            tracing::info!(?peer, status = refused.status, why = %refused.why, "agent upgrade refused");
+            let _ = tokio::time::timeout(timeout, io.write_all(&refused.response())).await;
+            return;
+        }
+    };
+    if tokio::time::timeout(timeout, io.write_all(&response)).await.is_err() {
+        tracing::info!(?peer, "agent did not take the upgrade response in time");
+        return;
     }
-    let mut response = actix_http::ws::handshake(req.head())?;
     let limits = node.cfg.limits;
-    // Both halves of the socket are ours (ws.rs): frames are read out of the upgraded request's
-    // bytes, and written as the response's body.
     let (tx, rx) = mpsc::unbounded_channel();
-    let (stream, body) = agent_socket(body.into_inner(), rx, limits.max_frame_bytes as usize);
-    let response = HttpResponse::from(response.message_body(BoxBody::new(BodyStream::new(body)))?);
-    let node = node.into_inner();
+    let (read, write) = io.into_split();
+    let (stream, writer) = agent_socket(read, read_ahead, write, rx, limits.max_frame_bytes as usize);
     let decode_limits = Limits {
         max_frame_bytes: limits.max_frame_bytes as usize,
         max_data_bytes: limits.max_data_bytes as usize,
@@ -441,7 +460,7 @@ pub async fn accept(
         AgentSession {
             node,
             link: AgentLink::Local(tx),
-            peer: req.peer_addr(),
+            peer,
             session_id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             state: State::AwaitingHello,
             streams: Arc::default(),
@@ -451,7 +470,8 @@ pub async fn accept(
             instance_id: String::new(),
         }
     });
-    Ok(response)
+    // The writer lasts as long as the connection: the server counts it as in flight until then.
+    writer.await;
 }
 
 impl Actor for AgentSession {

@@ -373,5 +373,8 @@ fn apply_mask(bytes: &mut [u8], key: [u8; 4], offset: usize) {
     }
 }
 
+mod socket;
+pub use socket::SocketReader;
+
 #[cfg(test)]
 mod tests;

@@ -343,12 +343,13 @@ async fn each_listener_serves_only_its_own_side() {
     let res = agent_side.get(url("/inspect")).send().await.unwrap();
     assert_eq!(res.status(), 404);
     assert!(res.headers().get("x-strait-error").is_none());
-    assert_eq!(res.text().await.unwrap(), "");
+    assert_eq!(res.text().await.unwrap(), "agents connect on /v1/connect");
     let res = agent_side.post(url("/v1/connect")).send().await.unwrap();
     assert_eq!(res.status(), 405);
     // A plain GET of the endpoint is not a WebSocket handshake.
     let res = agent_side.get(url("/v1/connect")).send().await.unwrap();
     assert_eq!(res.status(), 400);
+    assert!(res.text().await.unwrap().to_lowercase().contains("upgrade"));
 }
 
 /// A caller that keeps up gets a bigger window (a stream moves one window per credit round
