@@ -18,7 +18,7 @@ use strait_schema::{
     Refused, RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, CAP_INLINE_END,
     PROTOCOL_VERSION,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -438,7 +438,7 @@ pub async fn accept(mut io: TcpStream, node: Arc<NodeState>) {
         Ok(u) => u,
         Err(refused) => {
             tracing::info!(?peer, status = refused.status, why = %refused.why, "agent upgrade refused");
-            let _ = tokio::time::timeout(timeout, io.write_all(&refused.response())).await;
+            refuse_upgrade(io, &refused, timeout).await;
             return;
         }
     };
@@ -472,6 +472,37 @@ pub async fn accept(mut io: TcpStream, node: Arc<NodeState>) {
     });
     // The writer lasts as long as the connection: the server counts it as in flight until then.
     writer.await;
+}
+
+/// Most a refused peer may still send before its connection is closed anyway.
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// How long a refused peer is given to take its answer.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Answers a refused upgrade and closes the connection so that the answer arrives: closing a
+/// socket with unread bytes in it (the rest of an oversized head) resets the connection, and
+/// the peer may lose the answer. So the node sends its end's FIN first and reads what still
+/// comes, up to [`LINGER_BYTES`] for at most [`LINGER`].
+async fn refuse_upgrade(mut io: TcpStream, refused: &UpgradeRefused, timeout: Duration) {
+    if tokio::time::timeout(timeout, io.write_all(&refused.response()))
+        .await
+        .is_err()
+        || io.shutdown().await.is_err()
+    {
+        return;
+    }
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut sink = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 impl Actor for AgentSession {
