@@ -424,15 +424,12 @@ pub async fn accept(mut io: TcpStream, node: Arc<NodeState>) {
     let _ = io.set_nodelay(true);
     let timeout = node.cfg.handshake_timeout;
     let upgrade = match tokio::time::timeout(timeout, read_upgrade(&mut io, AGENT_PATH)).await {
-        Ok(Ok(_)) if node.phase() != Phase::Ready => Err(UpgradeRefused {
-            status: 503,
-            why: "node is not accepting agents".into(),
-        }),
+        Ok(Ok(_)) if node.phase() != Phase::Ready => Err(UpgradeRefused::new(503, "node is not accepting agents")),
         Ok(u) => u,
-        Err(_) => Err(UpgradeRefused {
-            status: 408,
-            why: format!("no upgrade request within {} ms", timeout.as_millis()),
-        }),
+        Err(_) => Err(UpgradeRefused::new(
+            408,
+            format!("no upgrade request within {} ms", timeout.as_millis()),
+        )),
     };
     let (response, read_ahead) = match upgrade {
         Ok(u) => u,
@@ -442,9 +439,16 @@ pub async fn accept(mut io: TcpStream, node: Arc<NodeState>) {
             return;
         }
     };
-    if tokio::time::timeout(timeout, io.write_all(&response)).await.is_err() {
-        tracing::info!(?peer, "agent did not take the upgrade response in time");
-        return;
+    match tokio::time::timeout(timeout, io.write_all(&response)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::info!(?peer, error = %e, "sending the upgrade response failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(?peer, "agent did not take the upgrade response in time");
+            return;
+        }
     }
     let limits = node.cfg.limits;
     let (tx, rx) = mpsc::unbounded_channel();

@@ -77,7 +77,8 @@ pub struct UpgradeRefused {
 }
 
 impl UpgradeRefused {
-    fn new(status: u16, why: impl Into<String>) -> Self {
+    /// A refusal with `status` and the reason the agent is told.
+    pub fn new(status: u16, why: impl Into<String>) -> Self {
         UpgradeRefused {
             status,
             why: why.into(),
@@ -562,6 +563,22 @@ mod tests {
         tokio::spawn(run);
         let next = tokio::time::timeout(Duration::from_secs(5), frames.next()).await;
         assert_eq!(next.expect("the messages ended"), None);
+    }
+
+    /// An agent that vanished (its socket fails on write) ends the writer, and with it the
+    /// messages, though no close frame was ever queued.
+    #[tokio::test]
+    async fn a_failed_write_ends_the_messages() {
+        let (_agent, read) = duplex(64);
+        let (gone, write) = duplex(64);
+        drop(gone);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (mut frames, run) = agent_socket(read, BytesMut::new(), write, rx, 1024);
+        tx.send(Outgoing::Frame(Bytes::from_static(b"to nobody"))).unwrap();
+        tokio::spawn(run);
+        let next = tokio::time::timeout(Duration::from_secs(5), frames.next()).await;
+        assert_eq!(next.expect("the messages ended"), None);
+        drop(tx);
     }
 
     /// A session that is gone leaves its writer a grace period, not forever, to hand its last

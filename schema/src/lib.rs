@@ -1,7 +1,8 @@
 //! Strait's wire protocol: the typed frames agents and nodes exchange, the validating codec that
 //! turns them into Cap'n Proto bytes and back, the stable error codes callers see, and the agent
-//! credentials (token, handshake signature), and the WebSocket framing both ends share. Pure code: no sockets, no runtime, so it can be
-//! fuzzed and property-tested in isolation.
+//! credentials (token, handshake signature), and the WebSocket framing both ends share. No
+//! sockets of its own and no runtime (`ws::SocketReader` reads whatever `AsyncRead` its owner
+//! hands it), so it can be fuzzed and property-tested in isolation.
 
 pub mod code;
 pub mod codec;
