@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Seconds to wait for an agent's response head before answering 504 TIMEOUT.
     #[arg(long, env = "STRAIT_HEAD_TIMEOUT", default_value_t = 30)]
     pub head_timeout_secs: u64,
+    /// Seconds a caller's connection may take to send a request head, or sit idle between
+    /// requests, before it is closed (slow or abandoned callers hold no socket for long).
+    #[arg(long, env = "STRAIT_CALLER_TIMEOUT", default_value_t = 5)]
+    pub caller_timeout_secs: u64,
     /// Accepted handshake clock skew, seconds (both directions).
     #[arg(long, env = "STRAIT_CLOCK_SKEW", default_value_t = 60)]
     pub clock_skew_secs: u64,
@@ -161,6 +165,8 @@ pub struct NodeConfig {
     pub head_timeout: Duration,
     /// Time allowed from WebSocket upgrade to a valid `Hello`.
     pub handshake_timeout: Duration,
+    /// Time a caller's connection may take to send a request head, or sit idle between requests.
+    pub caller_timeout: Duration,
     /// Accepted clock skew for handshakes; nonces are remembered for twice this.
     pub clock_skew: Duration,
     /// Limits announced to agents.
@@ -199,6 +205,7 @@ impl NodeConfig {
             missed_heartbeats: 3,
             head_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            caller_timeout: Duration::from_secs(5),
             clock_skew: Duration::from_secs(60),
             limits: WireLimits {
                 max_frame_bytes: 1 << 20,
@@ -262,6 +269,7 @@ impl NodeConfig {
         }
         cfg.heartbeat = Duration::from_millis(u64::from(a.heartbeat_ms));
         cfg.head_timeout = Duration::from_secs(a.head_timeout_secs.max(1));
+        cfg.caller_timeout = Duration::from_secs(a.caller_timeout_secs.max(1));
         cfg.clock_skew = Duration::from_secs(a.clock_skew_secs.max(1));
         if a.stream_window < MIN_STREAM_WINDOW {
             return Err(Error::Config(format!(

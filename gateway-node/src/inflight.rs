@@ -105,9 +105,13 @@ impl Request {
     }
 
     /// Starts pumping the request body towards the agent, within the credit `ctl` receives. (A
-    /// request without a body has none to pump: its head carried `end`.) The payload is `!Send`,
-    /// so the pump runs on this worker's thread.
-    pub fn pump_body(&mut self, mut body: actix_web::web::Payload, ctl: &RequestCtl, max_data: usize) {
+    /// request without a body has none to pump: its head carried `end`.) The body is the caller's
+    /// request body, or the caller's side of an upgraded connection; the pump runs on this
+    /// worker's thread.
+    pub fn pump_body<S, E>(&mut self, mut body: S, ctl: &RequestCtl, max_data: usize)
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin + 'static,
+    {
         let (link, id, credit, node) = (self.link.clone(), self.id, ctl.credit.clone(), self.node.clone());
         self.pump = Some(actix_rt::spawn(async move {
             while let Some(chunk) = body.next().await {
@@ -249,6 +253,11 @@ impl TunnelBody {
             request,
             done: false,
         }
+    }
+
+    /// The request this body ends, for pumping an upgraded connection's other half.
+    pub fn request_mut(&mut self) -> &mut Request {
+        &mut self.request
     }
 
     /// The stream is over as far as the agent is concerned (`outcome` if it did not end well).

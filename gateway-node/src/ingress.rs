@@ -1,13 +1,24 @@
 //! Public HTTP ingress: `Host: <agent>.<domain>` (or `<service>.<agent>.<domain>`) is carried
 //! through the agent's tunnel as one stream and the response streamed back.
+//!
+//! Callers are served by hyper's HTTP/1 server: it writes a response body's chunks with
+//! `writev`, as the agent's frames brought them, where actix-http copied every byte into its
+//! write buffer first (docs/benchmarks.md, twenty-first round).
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use actix_web::body::{BodyStream, SizedStream};
-use actix_web::http::{header, Method, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::{header, HeaderMap, Method, StatusCode};
+use hyper::body::{Body, Frame as BodyFrame, Incoming, SizeHint};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use strait_schema::{AgentName, ErrorCode, Frame, Header, RequestHead, StreamId};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -15,6 +26,66 @@ use crate::cluster::{self, Target};
 use crate::inflight::{Request, RequestCtl, TunnelBody};
 use crate::node::NodeState;
 use crate::session::{OpenStream, StreamCloser, StreamOwner};
+
+/// Most bytes of one request head a caller may send (actix-web's limit, which this listener had
+/// before; nginx allows 4 x 8 KiB by default): more is answered 431.
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+
+/// One caller's request, as hyper hands it over.
+pub type IngressRequest = http::Request<Incoming>;
+
+/// Serves one caller's connection (HTTP/1.1, keep-alive, upgrades) until it closes, or until the
+/// node stops taking callers: then the request in flight is finished and the connection closed.
+pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: actix_server::GracefulShutdownSignal) {
+    let peer = io.peer_addr().ok();
+    // Frames are small and latency-bound; Nagle plus delayed ACKs cost 40 ms stalls.
+    if let Err(e) = io.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY on a caller's connection");
+    }
+    let caller_timeout = node.cfg.caller_timeout;
+    let svc = hyper::service::service_fn(move |req| {
+        let node = node.clone();
+        async move { Ok::<_, Infallible>(handle(req, peer, node).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(caller_timeout)
+        .max_header_size(MAX_HEAD_BYTES)
+        // A caller that hangs up before its answer drops its handler at once, which resets the
+        // stream on the agent (as a proxy's "client aborted"); allowing half-closed connections
+        // kept the agent working for nobody until it answered or the head timeout fired.
+        .half_close(false)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        res = conn.as_mut() => res,
+        () = closing.notified() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    match res {
+        Ok(()) => {}
+        // hyper answered these itself (431, 400) before closing.
+        Err(e) if e.is_parse_too_large() => {
+            tracing::info!(
+                ?peer,
+                limit = MAX_HEAD_BYTES,
+                "caller's request head too large: answered 431 and closed"
+            )
+        }
+        Err(e) if e.is_parse() => {
+            tracing::info!(?peer, error = %e, "malformed request from a caller: answered 400 and closed")
+        }
+        // A slow head and an idle keep-alive connection look the same; the latter is routine.
+        Err(e) if e.is_timeout() => {
+            tracing::debug!(?peer, "caller sent no request head within {caller_timeout:?}: closed")
+        }
+        // Callers hanging up mid-answer are routine.
+        Err(e) => tracing::debug!(?peer, error = %e, "caller connection ended with an error"),
+    }
+}
 
 /// Headers that describe one connection, not the message; a proxy never forwards them
 /// (RFC 9110 §7.6.1), nor any header the `Connection` header names.
@@ -35,9 +106,10 @@ pub fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
     HOP_BY_HOP.contains(&name) || connection_tokens.iter().any(|t| t == name)
 }
 
-fn connection_tokens(headers: &header::HeaderMap) -> Vec<String> {
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(header::CONNECTION)
+        .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
@@ -46,16 +118,22 @@ fn connection_tokens(headers: &header::HeaderMap) -> Vec<String> {
 }
 
 /// An error answer with the stable code in the body and in `x-strait-error`.
-pub fn error_response(code: ErrorCode, message: &str) -> HttpResponse {
+pub fn error_response(code: ErrorCode, message: &str) -> http::Response<ResponseBody> {
     let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    HttpResponse::build(status)
-        .insert_header(("x-strait-error", code.as_str()))
-        .content_type("application/json")
-        .body(serde_json::json!({ "code": code.as_str(), "message": message }).to_string())
+    let body = serde_json::json!({ "code": code.as_str(), "message": message }).to_string();
+    let mut res = http::Response::new(ResponseBody::Full(Some(Bytes::from(body))));
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert("x-strait-error", header::HeaderValue::from_static(code.as_str()));
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    res
 }
 
 /// The protocol a request asks to upgrade to (`Upgrade` plus the `upgrade` Connection token).
-fn upgrade_of<'a>(headers: &'a header::HeaderMap, connection_tokens: &[String]) -> Option<&'a str> {
+fn upgrade_of<'a>(headers: &'a HeaderMap, connection_tokens: &[String]) -> Option<&'a str> {
     if !connection_tokens.iter().any(|t| t == "upgrade") {
         return None;
     }
@@ -96,20 +174,27 @@ impl Drop for OpenGuard {
 
 /// The ingress handler for every path, in one `ingress` span per request: method, agent and
 /// status only (a path or query may carry a caller's credentials).
-pub async fn handle(req: HttpRequest, payload: web::Payload, node: web::Data<NodeState>) -> HttpResponse {
+pub async fn handle(
+    req: IngressRequest,
+    peer: Option<SocketAddr>,
+    node: Arc<NodeState>,
+) -> http::Response<ResponseBody> {
     let span = tracing::info_span!("ingress", otel.kind = "server", http.request.method = %req.method(), agent = tracing::field::Empty, http.response.status_code = tracing::field::Empty);
-    let res = carry(req, payload, node).instrument(span.clone()).await;
+    let res = carry(req, peer, node).instrument(span.clone()).await;
     span.record("http.response.status_code", res.status().as_u16());
     res
 }
 
-async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeState>) -> HttpResponse {
-    let node: Arc<NodeState> = node.into_inner();
+async fn carry(
+    mut req: IngressRequest,
+    peer: Option<SocketAddr>,
+    node: Arc<NodeState>,
+) -> http::Response<ResponseBody> {
     let Some(host) = request_host(&req) else {
         node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
         return error_response(ErrorCode::BadRequest, "the request names no host");
     };
-    let Some((agent, service)) = route_host(host, &node.cfg.domain) else {
+    let Some((agent, service)) = route_host(&host, &node.cfg.domain) else {
         node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
         return error_response(
             ErrorCode::BadRequest,
@@ -127,18 +212,20 @@ async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeStat
             return error_response(code, &why);
         }
     };
-    let head = match request_head(&req, host) {
+    let head = match request_head(&req, &host, peer) {
         Ok(h) => h,
         Err(why) => {
             node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
             return error_response(ErrorCode::BadRequest, why);
         }
     };
-    // After an upgrade the request "body" is the client's side of the upgraded connection.
-    let has_body = head
-        .headers
-        .iter()
-        .any(|h| h.name == "content-length" || h.name == "transfer-encoding" || h.name == "upgrade");
+    // After an upgrade the stream carries the client's side of the upgraded connection.
+    let upgrade = head.headers.iter().any(|h| h.name == "upgrade");
+    let has_body = upgrade
+        || head
+            .headers
+            .iter()
+            .any(|h| h.name == "content-length" || h.name == "transfer-encoding");
     let id = StreamId::random();
     // A request without a body is one frame: the head says no `Fin` follows.
     let head = RequestHead {
@@ -174,36 +261,70 @@ async fn carry(req: HttpRequest, payload: web::Payload, node: web::Data<NodeStat
     // From here the request ends the stream however this handler ends, also by being dropped.
     open_guard.0 = None;
     let mut request = Request::new(id, node.clone(), &grant);
-    if has_body {
-        request.pump_body(payload, &ctl, grant.limits.max_data_bytes as usize);
+    let max_data = grant.limits.max_data_bytes as usize;
+    let method = req.method().clone();
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    if has_body && !upgrade {
+        let body = http_body_util::BodyDataStream::new(req.into_body());
+        request.pump_body(body, &ctl, max_data);
     }
     let head = match request.head(head_rx).await {
         Ok(h) => h,
         Err((code, why)) => return error_response(code, &why),
     };
     let body = (!head.end).then(|| TunnelBody::new(body_rx, &grant, id, request));
-    response(&req, head, body)
+    match on_upgrade {
+        Some(on_upgrade) if head.status == 101 => {
+            if let Some(mut body) = body {
+                // The upgraded connection's bytes, raw, both ways: the caller's become the
+                // stream's `Data` (within the agent's credit), the agent's are written back.
+                actix_rt::spawn(async move {
+                    let upgraded = match on_upgrade.await {
+                        Ok(u) => u,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "caller's upgrade did not complete");
+                            return;
+                        }
+                    };
+                    let (rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+                    body.request_mut()
+                        .pump_body(tokio_util::io::ReaderStream::new(rd), &ctl, max_data);
+                    while let Some(chunk) = body.next().await {
+                        let Ok(chunk) = chunk else { break };
+                        if wr.write_all(&chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = wr.shutdown().await;
+                });
+            }
+            response(&method, head, None)
+        }
+        _ => response(&method, head, body),
+    }
 }
 
 /// The host a request is for: the authority of an absolute-form target, else `Host` (RFC 9112
 /// §3.2.2). Never `Forwarded` or `X-Forwarded-Host`: those are the caller's to write, and routing
 /// by them would let a caller reach an agent other than the one a proxy in front let through.
-fn request_host(req: &HttpRequest) -> Option<&str> {
+fn request_host(req: &IngressRequest) -> Option<String> {
     req.uri()
         .authority()
         .map(|a| a.as_str())
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
         .filter(|h| !h.is_empty())
+        .map(str::to_owned)
 }
 
 /// Builds the head sent to the agent: hop-by-hop headers removed, `X-Forwarded-*` added. Body
 /// framing survives as `content-length` or `transfer-encoding: chunked`, which is how the agent
 /// knows whether a body follows.
-fn request_head(req: &HttpRequest, host: &str) -> Result<RequestHead, &'static str> {
+fn request_head(req: &IngressRequest, host: &str, peer: Option<SocketAddr>) -> Result<RequestHead, &'static str> {
     let tokens = connection_tokens(req.headers());
     let chunked = req
         .headers()
         .get_all(header::TRANSFER_ENCODING)
+        .iter()
         .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("chunked")));
     let mut headers = Vec::with_capacity(req.headers().len() + 3);
     let mut xff: Option<String> = None;
@@ -246,7 +367,7 @@ fn request_head(req: &HttpRequest, host: &str) -> Result<RequestHead, &'static s
             value: Bytes::from_static(b"chunked"),
         });
     }
-    let peer = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let peer = peer.map(|a| a.ip().to_string()).unwrap_or_default();
     let xff = match xff {
         Some(prev) if !peer.is_empty() => format!("{prev}, {peer}"),
         Some(prev) => prev,
@@ -288,10 +409,15 @@ fn request_head(req: &HttpRequest, host: &str) -> Result<RequestHead, &'static s
 }
 
 /// Turns the agent's head and the body stream into the caller's response; `body` is `None` when
-/// the head carried the whole response (`end`).
-fn response(req: &HttpRequest, mut head: strait_schema::ResponseHead, body: Option<TunnelBody>) -> HttpResponse {
+/// the head carried the whole response (`end`), or when an upgraded connection carries it.
+fn response(
+    method: &Method,
+    mut head: strait_schema::ResponseHead,
+    body: Option<TunnelBody>,
+) -> http::Response<ResponseBody> {
     let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut res = HttpResponse::build(status);
+    let mut res = http::Response::new(ResponseBody::Full(None));
+    *res.status_mut() = status;
     let mut length: Option<u64> = None;
     let tokens: Vec<String> = head
         .headers
@@ -301,11 +427,12 @@ fn response(req: &HttpRequest, mut head: strait_schema::ResponseHead, body: Opti
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .collect();
+    let out = res.headers_mut();
     for h in &head.headers {
         if status == StatusCode::SWITCHING_PROTOCOLS && h.name == "upgrade" {
-            // Sets the header and marks the connection as upgraded (`connection: upgrade`).
-            if let Ok(proto) = std::str::from_utf8(&h.value) {
-                res.upgrade(proto);
+            if let Ok(v) = header::HeaderValue::from_bytes(&h.value) {
+                out.insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
+                out.insert(header::UPGRADE, v);
             }
             continue;
         }
@@ -320,18 +447,13 @@ fn response(req: &HttpRequest, mut head: strait_schema::ResponseHead, body: Opti
             header::HeaderName::from_bytes(h.name.as_bytes()),
             header::HeaderValue::from_bytes(&h.value),
         ) {
-            res.append_header((n, v));
+            out.append(n, v);
         }
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        // The upgraded connection's bytes, raw: actix writes a 101's body unframed. (With `end`
-        // the agent closed the upgraded stream at once.)
-        return match body {
-            Some(body) => res.body(BodyStream::new(body)),
-            None => res.body(()),
-        };
+        return res;
     }
-    let bodyless = req.method() == Method::HEAD
+    let bodyless = *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
@@ -339,26 +461,65 @@ fn response(req: &HttpRequest, mut head: strait_schema::ResponseHead, body: Opti
         // Without `end` the agent follows the head with Fin at once; wait for it so the stream
         // ends as complete (not as a caller that went away).
         if let Some(mut body) = body {
-            actix_rt::spawn(async move { while futures_util::StreamExt::next(&mut body).await.is_some() {} });
+            actix_rt::spawn(async move { while body.next().await.is_some() {} });
         }
-        return match length {
-            // An (empty) body stream with `no_chunking` is how actix keeps a HEAD answer's length.
-            Some(len) if req.method() == Method::HEAD => {
-                res.no_chunking(len).body(BodyStream::new(futures_util::stream::empty::<
-                    Result<Bytes, std::io::Error>,
-                >()))
-            }
-            _ => res.body(()),
-        };
+        if let (Some(len), true) = (length, *method == Method::HEAD) {
+            // A HEAD answer keeps the length a GET would have had.
+            out.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+        }
+        return res;
     }
-    let Some(body) = body else {
-        // The whole body came with the head; actix frames it with its length.
-        return res.body(std::mem::take(&mut head.body));
+    *res.body_mut() = match body {
+        // The whole body came with the head.
+        None => ResponseBody::Full(Some(std::mem::take(&mut head.body))),
+        Some(body) => ResponseBody::Tunnel {
+            body: Box::new(body),
+            length,
+        },
     };
-    match length {
-        Some(len) => res.body(SizedStream::new(len, body)),
-        // Not `streaming()`: it would invent a content-type the origin did not send.
-        None => res.body(BodyStream::new(body)),
+    res
+}
+
+/// A caller's response body: whole, or streamed from the tunnel (with the origin's length when
+/// it sent one, so the caller sees the same framing).
+pub enum ResponseBody {
+    /// Known in full (`None`: no body at all).
+    Full(Option<Bytes>),
+    /// The stream's body events.
+    Tunnel {
+        /// Where the chunks come from (boxed: a body known in full stays small).
+        body: Box<TunnelBody>,
+        /// The origin's `content-length`.
+        length: Option<u64>,
+    },
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(BodyFrame::data(b)))),
+            ResponseBody::Tunnel { body, .. } => Pin::new(&mut **body)
+                .poll_next(cx)
+                .map(|c| c.map(|c| c.map(BodyFrame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, ResponseBody::Full(b) if b.as_ref().is_none_or(|b| b.is_empty()))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ResponseBody::Tunnel { length: Some(n), .. } => SizeHint::with_exact(*n),
+            ResponseBody::Tunnel { length: None, .. } => SizeHint::default(),
+        }
     }
 }
 

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
-use actix_http::HttpService;
-use actix_service::{fn_service, map_config};
-use actix_web::dev::AppConfig;
+use actix_service::fn_service;
 use actix_web::{web, App, HttpServer};
 use futures_util::FutureExt;
 use parking_lot::RwLock;
@@ -259,12 +257,11 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
     // The agent endpoint and the ingress share one server, so one set of workers: a request
     // whose caller and agent connections landed on the same worker never leaves its thread, and
     // a thread hand-off costs more CPU than the relay itself (docs/benchmarks.md). Agents are
-    // served on the raw socket (ws.rs), callers by actix-http.
-    let http_addr = listeners.http.local_addr()?;
+    // served on the raw socket (ws.rs), callers by hyper (ingress.rs).
     let builder = actix_server::Server::build();
     let closing = builder.graceful_shutdown_signal();
     let node = state.clone();
-    let d = data.clone();
+    let ingress_node = state.clone();
     let srv = builder
         .workers(cfg.workers)
         .backlog(4096)
@@ -278,23 +275,10 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
             })
         })?
         .listen("ingress", listeners.http, move || {
-            let closing = closing.clone();
-            let app = App::new().app_data(d.clone()).default_service(web::to(ingress::handle));
-            HttpService::build()
-                .graceful_shutdown_signal(move || {
-                    let closing = closing.clone();
-                    async move { closing.notified().await }
-                })
-                .local_addr(http_addr)
-                // Frames are small and latency-bound; Nagle plus delayed ACKs cost 40 ms stalls.
-                .tcp_nodelay(true)
-                // A caller that hangs up before its answer drops its handler at once, which
-                // resets the stream on the agent (as a proxy's "client aborted"); allowing
-                // half-closed connections kept the agent working for nobody until it answered
-                // or the head timeout fired.
-                .h1_allow_half_closed(false)
-                .finish(map_config(app, |_| AppConfig::default()))
-                .tcp()
+            let (node, closing) = (ingress_node.clone(), closing.clone());
+            fn_service(move |io: actix_rt::net::TcpStream| {
+                ingress::serve(io, node.clone(), closing.clone()).map(Ok::<_, std::convert::Infallible>)
+            })
         })?
         .run();
     let d = data.clone();
