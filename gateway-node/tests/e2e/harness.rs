@@ -641,3 +641,18 @@ pub async fn create_agent(store: &dyn strait_gateway::store::Store, name: &str) 
         .unwrap();
     token
 }
+
+/// Sends `bytes` on a fresh connection to `addr` and returns everything the node answers until
+/// it closes the connection (at most 5 s), and how long that took.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("the node closes the connection")
+        .unwrap();
+    (String::from_utf8_lossy(&answer).into_owned(), start.elapsed())
+}

@@ -422,20 +422,6 @@ async fn routes_by_the_host_header_never_by_headers_a_caller_writes() {
     assert!(answer.contains("names no host"), "{answer}");
 }
 
-/// Sends `bytes` on a fresh connection to the ingress and returns everything the node answers
-/// until it closes the connection, and how long that took.
-async fn raw_caller(node: &TestNode, bytes: &[u8]) -> (String, Duration) {
-    let start = Instant::now();
-    let mut s = tokio::net::TcpStream::connect(node.http_addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
-        .await
-        .expect("the node closes the connection")
-        .unwrap();
-    (String::from_utf8_lossy(&answer).into_owned(), start.elapsed())
-}
-
 /// A caller whose head never ends, one idle after its answer, one with an oversized head and one
 /// with a malformed head each get closed (with 431 or 400 where there is something to answer),
 /// while a real request is served beside them.
@@ -444,13 +430,16 @@ async fn slow_idle_oversized_or_malformed_callers_are_closed_beside_a_served_one
     let backend = Backend::start().await;
     let node = TestNode::with(|c| c.caller_timeout = Duration::from_millis(400)).await;
     let _agent = node.connect_agent("alpha", &backend.url()).await;
-    let slow = raw_caller(&node, b"GET /small HTTP/1.1\r\nHost: alpha.localhost\r\n");
-    let idle = raw_caller(&node, b"GET /inspect HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n");
+    let slow = raw_exchange(node.http_addr, b"GET /small HTTP/1.1\r\nHost: alpha.localhost\r\n");
+    let idle = raw_exchange(
+        node.http_addr,
+        b"GET /inspect HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    );
     let mut big = b"GET /small HTTP/1.1\r\nHost: alpha.localhost\r\nX-Pad: ".to_vec();
     big.resize(40 * 1024, b'x');
     big.extend_from_slice(b"\r\n\r\n");
-    let oversized = raw_caller(&node, &big);
-    let malformed = raw_caller(&node, b"GET /small HTTP/1.1\r\nHost alpha.localhost\r\n\r\n");
+    let oversized = raw_exchange(node.http_addr, &big);
+    let malformed = raw_exchange(node.http_addr, b"GET /small HTTP/1.1\r\nHost alpha.localhost\r\n\r\n");
     let served = async {
         let res = node
             .client(&["alpha"])

@@ -417,30 +417,16 @@ async fn a_caller_that_hangs_up_before_the_head_resets_its_stream() {
     }
 }
 
-/// Sends `bytes` on a fresh connection to the agent listener and returns everything the node
-/// answers until it closes the connection.
-async fn raw_upgrade(node: &TestNode, bytes: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(node.agent_addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
-        .await
-        .expect("the node closes the connection")
-        .unwrap();
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
 /// An upgrade request that never ends, or one with an oversized head, gets its status and
 /// reason and the connection closed, while a real agent connects and serves beside them.
 #[actix_rt::test]
 async fn a_slow_or_oversized_upgrade_is_answered_and_closed() {
     let backend = Backend::start().await;
     let node = TestNode::with(|c| c.handshake_timeout = Duration::from_millis(300)).await;
-    let slow = raw_upgrade(&node, b"GET /v1/connect HTTP/1.1\r\nHost: gw\r\n");
+    let slow = raw_exchange(node.agent_addr, b"GET /v1/connect HTTP/1.1\r\nHost: gw\r\n");
     let mut big = b"GET /v1/connect HTTP/1.1\r\nX-Pad: ".to_vec();
     big.resize(9 * 1024, b'x');
-    let oversized = raw_upgrade(&node, &big);
+    let oversized = raw_exchange(node.agent_addr, &big);
     let agent = async {
         let _agent = node.connect_agent("alpha", &backend.url()).await;
         let res = node
@@ -451,7 +437,7 @@ async fn a_slow_or_oversized_upgrade_is_answered_and_closed() {
             .unwrap();
         res.status()
     };
-    let (slow, oversized, served) = tokio::join!(slow, oversized, agent);
+    let ((slow, _), (oversized, _), served) = tokio::join!(slow, oversized, agent);
     assert!(slow.starts_with("HTTP/1.1 408 "), "{slow}");
     assert!(slow.ends_with("no upgrade request within 300 ms"), "{slow}");
     assert!(oversized.starts_with("HTTP/1.1 431 "), "{oversized}");
