@@ -363,6 +363,12 @@ impl TestNode {
         format!("http://{agent}.localhost:{}{path}", self.http_addr.port())
     }
 
+    /// The status of a GET of `path` through `agent`'s tunnel.
+    pub async fn get_status(&self, agent: &str, path: &str) -> reqwest::StatusCode {
+        let res = self.client(&[agent]).get(self.url(agent, path)).send().await.unwrap();
+        res.status()
+    }
+
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.ops_addr))
             .await

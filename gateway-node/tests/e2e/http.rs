@@ -440,15 +440,7 @@ async fn slow_idle_oversized_or_malformed_callers_are_closed_beside_a_served_one
     big.extend_from_slice(b"\r\n\r\n");
     let oversized = raw_exchange(node.http_addr, &big);
     let malformed = raw_exchange(node.http_addr, b"GET /small HTTP/1.1\r\nHost alpha.localhost\r\n\r\n");
-    let served = async {
-        let res = node
-            .client(&["alpha"])
-            .get(node.url("alpha", "/inspect"))
-            .send()
-            .await
-            .unwrap();
-        res.status()
-    };
+    let served = node.get_status("alpha", "/inspect");
     let (slow, idle, oversized, malformed, served) = tokio::join!(slow, idle, oversized, malformed, served);
     assert_eq!(slow.0, "", "a head that never ends gets no answer");
     assert!(

@@ -429,13 +429,7 @@ async fn a_slow_or_oversized_upgrade_is_answered_and_closed() {
     let oversized = raw_exchange(node.agent_addr, &big);
     let agent = async {
         let _agent = node.connect_agent("alpha", &backend.url()).await;
-        let res = node
-            .client(&["alpha"])
-            .get(node.url("alpha", "/inspect"))
-            .send()
-            .await
-            .unwrap();
-        res.status()
+        node.get_status("alpha", "/inspect").await
     };
     let ((slow, _), (oversized, _), served) = tokio::join!(slow, oversized, agent);
     assert!(slow.starts_with("HTTP/1.1 408 "), "{slow}");
