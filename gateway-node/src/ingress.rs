@@ -43,6 +43,7 @@ pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: act
         tracing::debug!(error = %e, "cannot set TCP_NODELAY on a caller's connection");
     }
     let caller_timeout = node.cfg.caller_timeout;
+    let requests = node.metrics.requests.clone();
     let svc = hyper::service::service_fn(move |req| {
         let node = node.clone();
         async move { Ok::<_, Infallible>(handle(req, peer, node).await) }
@@ -65,10 +66,13 @@ pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: act
             conn.await
         }
     };
+    // hyper answers a head it cannot take (431, 400) itself, then closes; such a caller is a
+    // refused request like any other.
+    let refused = || requests.with_label_values(&[ErrorCode::BadRequest.as_str()]).inc();
     match res {
         Ok(()) => {}
-        // hyper answered these itself (431, 400) before closing.
         Err(e) if e.is_parse_too_large() => {
+            refused();
             tracing::info!(
                 ?peer,
                 limit = MAX_HEAD_BYTES,
@@ -76,6 +80,7 @@ pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: act
             )
         }
         Err(e) if e.is_parse() => {
+            refused();
             tracing::info!(?peer, error = %e, "malformed request from a caller: answered 400 and closed")
         }
         // A slow head and an idle keep-alive connection look the same; the latter is routine.
