@@ -113,6 +113,7 @@ impl Request {
         S: Stream<Item = Result<Bytes, E>> + Unpin + 'static,
     {
         let (link, id, credit, node) = (self.link.clone(), self.id, ctl.credit.clone(), self.node.clone());
+        let closer = self.closer.clone();
         self.pump = Some(actix_rt::spawn(async move {
             while let Some(chunk) = body.next().await {
                 let Ok(mut chunk) = chunk else {
@@ -121,6 +122,10 @@ impl Request {
                         code: ErrorCode::Reset,
                         reason: "caller aborted the request body".into(),
                     }));
+                    // The agent forgets the stream without a word, so this side lets go too:
+                    // the response body ends at once (an upgraded connection's other half waits
+                    // on nothing else).
+                    closer.close(id);
                     return;
                 };
                 node.metrics.bytes.with_label_values(&["in"]).inc_by(chunk.len() as u64);

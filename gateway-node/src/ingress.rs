@@ -199,7 +199,7 @@ async fn carry(
         node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
         return error_response(ErrorCode::BadRequest, "the request names no host");
     };
-    let Some((agent, service)) = route_host(&host, &node.cfg.domain) else {
+    let Some((agent, service)) = route_host(host, &node.cfg.domain) else {
         node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
         return error_response(
             ErrorCode::BadRequest,
@@ -217,7 +217,7 @@ async fn carry(
             return error_response(code, &why);
         }
     };
-    let head = match request_head(&req, &host, peer) {
+    let head = match request_head(&req, host, peer) {
         Ok(h) => h,
         Err(why) => {
             node.metrics.requests.with_label_values(&["BAD_REQUEST"]).inc();
@@ -312,13 +312,12 @@ async fn carry(
 /// The host a request is for: the authority of an absolute-form target, else `Host` (RFC 9112
 /// §3.2.2). Never `Forwarded` or `X-Forwarded-Host`: those are the caller's to write, and routing
 /// by them would let a caller reach an agent other than the one a proxy in front let through.
-fn request_host(req: &IngressRequest) -> Option<String> {
+fn request_host(req: &IngressRequest) -> Option<&str> {
     req.uri()
         .authority()
         .map(|a| a.as_str())
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
         .filter(|h| !h.is_empty())
-        .map(str::to_owned)
 }
 
 /// Builds the head sent to the agent: hop-by-hop headers removed, `X-Forwarded-*` added. Body

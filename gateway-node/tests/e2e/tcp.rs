@@ -367,3 +367,89 @@ async fn websocket_echo_through_http_ingress() {
     .await;
     assert!(end.is_ok(), "close handshake did not complete");
 }
+
+/// A caller that vanishes from an upgraded connection (a reset, no close handshake) ends its
+/// stream at once, though the service behind the agent has nothing to say (before, the caller's
+/// half waited for the idle timeout): the request is counted as ended, and a new upgrade through
+/// the same agent still works.
+#[actix_rt::test]
+async fn a_vanished_upgraded_caller_ends_its_stream() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (ws_addr, _server) = ws_echo_server().await;
+    let node = TestNode::embedded().await;
+    let _agent = node.connect_agent("alpha", &format!("http://{ws_addr}")).await;
+    let url = format!("ws://alpha.localhost:{}/socket", node.http_addr.port());
+    let upgrade = || async {
+        let sock = TcpStream::connect(node.http_addr).await.unwrap();
+        sock.set_zero_linger().unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(url.clone(), sock).await.unwrap();
+        ws.send(Message::Text("ping".into())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::Text("ping".into()));
+        ws
+    };
+    let ended = |text: String| {
+        text.lines()
+            .filter(|l| l.starts_with("strait_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    // Dropped with SO_LINGER 0: the node reads a reset, not a FIN.
+    drop(upgrade().await);
+    eventually(
+        Duration::from_secs(5),
+        "the vanished caller's request ended",
+        || async { ended(node.metrics().await) == 1 },
+    )
+    .await;
+    let mut again = upgrade().await;
+    again.close(None).await.unwrap();
+}
+
+/// An upgraded connection keeps half-close, as a TCP route does: the caller's half-close reaches
+/// the service as end of input, and the service's answer still comes back after it.
+#[actix_rt::test]
+async fn an_upgraded_connection_keeps_half_close() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap();
+    // Switches to a protocol that reads to end of input, then says how much it got.
+    let _server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        read_head(&mut s).await;
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: count\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(format!("got {} bytes", got.len()).as_bytes())
+            .await
+            .unwrap();
+    });
+    let node = TestNode::embedded().await;
+    let _agent = node.connect_agent("alpha", &format!("http://{service}")).await;
+
+    let mut caller = TcpStream::connect(node.http_addr).await.unwrap();
+    caller
+        .write_all(b"GET / HTTP/1.1\r\nHost: alpha.localhost\r\nConnection: upgrade\r\nUpgrade: count\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut caller).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    caller.write_all(b"hello").await.unwrap();
+    caller.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), caller.read_to_string(&mut answer))
+        .await
+        .expect("the answer after the half-close, then the end")
+        .unwrap();
+    assert_eq!(answer, "got 5 bytes");
+}
+
+/// Reads an HTTP head off `s` byte by byte, so nothing after it is consumed.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    String::from_utf8(head).unwrap()
+}
