@@ -42,7 +42,7 @@ impl AgentHandle {
         if let Err(e) = cfg.validate() {
             return failed(status_tx, status, Error::NotStarted(e.to_string()));
         }
-        let runtime = match crate::runtime(cfg.threads) {
+        let runtime = match crate::background_runtime(cfg.threads) {
             Ok(rt) => rt,
             Err(e) => return failed(status_tx, status, Error::Runtime(Arc::new(e))),
         };

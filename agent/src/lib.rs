@@ -73,10 +73,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     supervise(cfg, shutdown, status).await
 }
 
-/// The runtime the agent builds for itself (the binary and [`AgentHandle::spawn`]), with
-/// [`AgentConfig::threads`] worker threads. Its workers run every task; the thread that builds
-/// it only waits.
+/// The runtime the agent binary runs on, for [`AgentConfig::threads`] threads; drive it with
+/// `block_on`. One thread (the default) is a current-thread runtime: the thread that calls
+/// `block_on` runs every task, and a wake-up between them is a plain queue push, not the
+/// multi-thread scheduler's atomics and parking (about a tenth of the agent's CPU per small
+/// request, docs/benchmarks.md, twenty-second round). More threads are a multi-thread runtime.
 pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        return tokio::runtime::Builder::new_current_thread().enable_all().build();
+    }
+    background_runtime(threads)
+}
+
+/// A runtime whose worker threads run spawned tasks without anyone calling `block_on`, as
+/// [`AgentHandle::spawn`] needs beside someone else's runtime.
+fn background_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .thread_name("strait-agent")

@@ -87,7 +87,8 @@ fn main() -> anyhow::Result<()> {
     );
     let runtime = strait_agent::runtime(cfg.threads).context("building the runtime")?;
     runtime.block_on(async move {
-        // On a worker, like every task it spawns: the main thread only waits.
+        // A task of its own, so a panic in it ends here as an error rather than unwinding
+        // through `block_on` (one thread: this one runs it; more: a worker does).
         tokio::spawn(strait_agent::run(cfg, shutdown_signal()))
             .await
             .context("agent task")

@@ -1383,3 +1383,101 @@ async fn a_service_that_hangs_up_without_answering_resets_only_its_stream() {
     expect_ok(&mut ws, 2).await;
     agent.kill();
 }
+
+/// The `strait-agent` binary on its default one thread (a current-thread runtime driven by
+/// `main`): it dials, serves a stream, and on SIGTERM finishes the stream in flight, closes the
+/// WebSocket and exits 0. (`AgentHandle` above runs on a multi-thread runtime instead.)
+#[tokio::test]
+async fn the_binary_serves_on_one_thread_and_drains_on_sigterm() {
+    let http = http_upstream().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let token = token();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strait-agent"))
+        .arg("--gateway")
+        .arg(format!("ws://{}", listener.local_addr().unwrap()))
+        .arg("--expose")
+        .arg(format!("http://{http}/base"))
+        .env("STRAIT_TOKEN", token.reveal())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut ws, _) = accept(&listener).await;
+    assert!(matches!(next(&mut ws).await, Frame::Hello(_)));
+    send(&mut ws, welcome()).await;
+
+    // A 1 MiB download, stalled on credit after its first window when the stop arrives.
+    let s = StreamId(1);
+    send(&mut ws, bodiless_get(1, "/big")).await;
+    let Frame::ResponseHead(h) = next(&mut ws).await else {
+        panic!("expected ResponseHead")
+    };
+    assert_eq!((h.stream, h.status), (s, 200));
+    let mut got = 0usize;
+    while got < WINDOW as usize {
+        let Frame::Data(d) = next(&mut ws).await else {
+            panic!("expected Data")
+        };
+        got += d.bytes.len();
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    // The stop has reached the agent once it refuses a new stream.
+    let mut id = 100;
+    'retry: loop {
+        id += 1;
+        send(&mut ws, bodiless_get(id, "/missing")).await;
+        loop {
+            match next(&mut ws).await {
+                Frame::Reset(r) if r.stream == StreamId(id) => {
+                    assert_eq!(r.code, ErrorCode::ShuttingDown);
+                    break 'retry;
+                }
+                Frame::ResponseHead(h) if h.stream == StreamId(id) => {}
+                Frame::Fin(f) if f.stream == StreamId(id) => continue 'retry,
+                other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
+            }
+        }
+    }
+
+    send(
+        &mut ws,
+        Frame::Credit(Credit {
+            stream: s,
+            bytes: WINDOW,
+        }),
+    )
+    .await;
+    loop {
+        match next(&mut ws).await {
+            Frame::Data(d) if d.stream == s => {
+                got += d.bytes.len();
+                let bytes = d.bytes.len() as u32;
+                send(&mut ws, Frame::Credit(Credit { stream: s, bytes })).await;
+            }
+            Frame::Fin(f) if f.stream == s => break,
+            other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
+        }
+    }
+    assert_eq!(got, 1 << 20);
+    let closed = tokio::time::timeout(STEP, async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(_) = msg {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap();
+    assert!(closed, "the agent ended without a close frame");
+    let exit = tokio::time::timeout(STEP, tokio::task::spawn_blocking(move || child.wait()))
+        .await
+        .expect("the agent did not exit after its drain")
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit}");
+}
