@@ -896,34 +896,34 @@ async fn shutdown_refuses_new_streams_and_drains_in_flight_ones() {
     }
 
     // The in-flight stream still completes once credit flows again, then the link closes.
-    send(
-        &mut ws,
-        Frame::Credit(Credit {
-            stream: s,
-            bytes: WINDOW,
-        }),
-    )
-    .await;
+    assert_eq!(finish_under_credit(&mut ws, s, got).await, 1 << 20);
+    assert!(closes_with_a_close_frame(&mut ws).await);
+    stopping.await.unwrap();
+    assert_eq!(*status.borrow_and_update(), AgentStatus::Stopped);
+}
+
+/// Gives `stream`, stalled after `got` bytes, a window of credit and then credit for every
+/// `Data` until its `Fin`; returns the bytes received in all. Other streams' `Data` and `Fin`
+/// are ignored.
+async fn finish_under_credit(ws: &mut Ws, stream: StreamId, mut got: usize) -> usize {
+    send(ws, Frame::Credit(Credit { stream, bytes: WINDOW })).await;
     loop {
-        match next(&mut ws).await {
-            Frame::Data(d) if d.stream == s => {
+        match next(ws).await {
+            Frame::Data(d) if d.stream == stream => {
                 got += d.bytes.len();
-                send(
-                    &mut ws,
-                    Frame::Credit(Credit {
-                        stream: s,
-                        bytes: d.bytes.len() as u32,
-                    }),
-                )
-                .await;
+                let bytes = d.bytes.len() as u32;
+                send(ws, Frame::Credit(Credit { stream, bytes })).await;
             }
-            Frame::Fin(f) if f.stream == s => break,
+            Frame::Fin(f) if f.stream == stream => return got,
             Frame::Data(_) | Frame::Fin(_) => {}
             other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
         }
     }
-    assert_eq!(got, 1 << 20);
-    let closed = tokio::time::timeout(STEP, async {
+}
+
+/// True when the agent sends a WebSocket close frame (within [`STEP`]) before its connection ends.
+async fn closes_with_a_close_frame(ws: &mut Ws) -> bool {
+    tokio::time::timeout(STEP, async {
         while let Some(Ok(msg)) = ws.next().await {
             if let Message::Close(_) = msg {
                 return true;
@@ -932,10 +932,7 @@ async fn shutdown_refuses_new_streams_and_drains_in_flight_ones() {
         false
     })
     .await
-    .unwrap();
-    assert!(closed);
-    stopping.await.unwrap();
-    assert_eq!(*status.borrow_and_update(), AgentStatus::Stopped);
+    .unwrap()
 }
 
 #[tokio::test]
@@ -1443,37 +1440,11 @@ async fn the_binary_serves_on_one_thread_and_drains_on_sigterm() {
         }
     }
 
-    send(
-        &mut ws,
-        Frame::Credit(Credit {
-            stream: s,
-            bytes: WINDOW,
-        }),
-    )
-    .await;
-    loop {
-        match next(&mut ws).await {
-            Frame::Data(d) if d.stream == s => {
-                got += d.bytes.len();
-                let bytes = d.bytes.len() as u32;
-                send(&mut ws, Frame::Credit(Credit { stream: s, bytes })).await;
-            }
-            Frame::Fin(f) if f.stream == s => break,
-            other => panic!("unexpected {} on {:?}", other.kind(), other.stream()),
-        }
-    }
-    assert_eq!(got, 1 << 20);
-    let closed = tokio::time::timeout(STEP, async {
-        while let Some(Ok(msg)) = ws.next().await {
-            if let Message::Close(_) = msg {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .unwrap();
-    assert!(closed, "the agent ended without a close frame");
+    assert_eq!(finish_under_credit(&mut ws, s, got).await, 1 << 20);
+    assert!(
+        closes_with_a_close_frame(&mut ws).await,
+        "the agent ended without a close frame"
+    );
     let exit = tokio::time::timeout(STEP, tokio::task::spawn_blocking(move || child.wait()))
         .await
         .expect("the agent did not exit after its drain")
