@@ -16,13 +16,14 @@ use futures_util::{Stream, StreamExt};
 use http::{header, HeaderMap, Method, StatusCode};
 use hyper::body::{Body, Frame as BodyFrame, Incoming, SizeHint};
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use strait_schema::{AgentName, ErrorCode, Frame, Header, RequestHead, StreamId};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::cluster::{self, Target};
+use crate::head_timer::HeadTimer;
 use crate::inflight::{Request, RequestCtl, TunnelBody};
 use crate::node::NodeState;
 use crate::session::{OpenStream, StreamCloser, StreamOwner};
@@ -49,7 +50,7 @@ pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: act
         async move { Ok::<_, Infallible>(handle(req, peer, node).await) }
     });
     let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(HeadTimer::new())
         .header_read_timeout(caller_timeout)
         .max_header_size(MAX_HEAD_BYTES)
         // A caller that hangs up before its answer drops its handler at once, which resets the

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod error;
+pub mod head_timer;
 pub mod inflight;
 pub mod ingress;
 pub mod metrics;
