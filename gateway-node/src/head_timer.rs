@@ -104,12 +104,17 @@ mod tests {
         tokio::time::timeout(within, sleep.as_mut()).await.is_ok()
     }
 
+    /// Asserts that `sleep` fires `after` from now, to the millisecond.
+    async fn assert_fires_in(sleep: &mut Pin<Box<dyn Sleep>>, after: Duration) {
+        assert!(!fires_within(sleep, after - ms(1)).await, "fired early");
+        assert!(fires_within(sleep, ms(2)).await, "did not fire on time");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_head_times_out_at_its_deadline_not_before() {
         let timer = HeadTimer::new();
         let mut s = timer.sleep(T);
-        assert!(!fires_within(&mut s, T - ms(1)).await);
-        assert!(fires_within(&mut s, ms(2)).await);
+        assert_fires_in(&mut s, T).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -122,8 +127,7 @@ mod tests {
         tokio::time::advance(ms(2000)).await;
         let mut next = timer.sleep(T);
         // The shared sleep, armed for 5 s, fires on the way; this head's deadline is 8 s.
-        assert!(!fires_within(&mut next, T - ms(1)).await);
-        assert!(fires_within(&mut next, ms(2)).await);
+        assert_fires_in(&mut next, T).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -133,8 +137,7 @@ mod tests {
         assert!(!fires_within(&mut long, ms(10)).await);
         drop(long);
         let mut short = timer.sleep(ms(500));
-        assert!(!fires_within(&mut short, ms(499)).await);
-        assert!(fires_within(&mut short, ms(2)).await);
+        assert_fires_in(&mut short, ms(500)).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -144,7 +147,6 @@ mod tests {
         assert!(!fires_within(&mut s, ms(1000)).await);
         let later = timer.now() + T;
         timer.reset(&mut s, later);
-        assert!(!fires_within(&mut s, T - ms(1)).await);
-        assert!(fires_within(&mut s, ms(2)).await);
+        assert_fires_in(&mut s, T).await;
     }
 }
