@@ -1389,7 +1389,8 @@ async fn the_binary_serves_on_one_thread_and_drains_on_sigterm() {
     let http = http_upstream().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let token = token();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strait-agent"))
+    // Killed if the test fails before the agent exits by itself.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-agent"))
         .arg("--gateway")
         .arg(format!("ws://{}", listener.local_addr().unwrap()))
         .arg("--expose")
@@ -1397,6 +1398,7 @@ async fn the_binary_serves_on_one_thread_and_drains_on_sigterm() {
         .env("STRAIT_TOKEN", token.reveal())
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let (mut ws, _) = accept(&listener).await;
@@ -1418,7 +1420,7 @@ async fn the_binary_serves_on_one_thread_and_drains_on_sigterm() {
         got += d.bytes.len();
     }
     let term = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.id().expect("agent running").to_string()])
         .status()
         .unwrap();
     assert!(term.success());
@@ -1445,10 +1447,9 @@ async fn the_binary_serves_on_one_thread_and_drains_on_sigterm() {
         closes_with_a_close_frame(&mut ws).await,
         "the agent ended without a close frame"
     );
-    let exit = tokio::time::timeout(STEP, tokio::task::spawn_blocking(move || child.wait()))
+    let exit = tokio::time::timeout(STEP, child.wait())
         .await
         .expect("the agent did not exit after its drain")
-        .unwrap()
         .unwrap();
     assert!(exit.success(), "{exit}");
 }
