@@ -445,6 +445,56 @@ async fn an_upgraded_connection_keeps_half_close() {
     assert_eq!(answer, "got 5 bytes");
 }
 
+/// An upgrade the service declines is an ordinary answer: the caller gets it in full at once
+/// (the caller's half of the stream, waiting for post-upgrade bytes, does not hold it), the
+/// request is counted as ended, and the same connection serves the next request.
+#[actix_rt::test]
+async fn a_declined_upgrade_is_an_ordinary_answer_and_the_connection_serves_on() {
+    let backend = Backend::start().await;
+    let node = TestNode::embedded().await;
+    let _agent = node.connect_agent("alpha", &backend.url()).await;
+    let mut caller = TcpStream::connect(node.http_addr).await.unwrap();
+    caller
+        .write_all(
+            b"GET /inspect HTTP/1.1\r\nHost: alpha.localhost\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut caller))
+        .await
+        .expect("the declined upgrade is answered");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .expect("the origin's length survives")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0; length];
+    caller.read_exact(&mut body).await.unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("\"uri\":\"/inspect\""));
+
+    caller
+        .write_all(b"GET /inspect HTTP/1.1\r\nHost: alpha.localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut next = String::new();
+    tokio::time::timeout(Duration::from_secs(5), caller.read_to_string(&mut next))
+        .await
+        .expect("the next request is answered and the connection closed")
+        .unwrap();
+    assert!(next.starts_with("HTTP/1.1 200 "), "{next}");
+    eventually(Duration::from_secs(5), "both requests ended", || async {
+        metric_value(&node.metrics().await, "strait_requests_total{outcome=\"ok\"}") == 2
+    })
+    .await;
+}
+
 /// Reads an HTTP head off `s` byte by byte, so nothing after it is consumed.
 async fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
