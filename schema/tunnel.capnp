@@ -103,7 +103,11 @@ struct ResponseHead {
 
 struct StreamOpen {
   stream @0 :UInt64;
-  service @1 :Text;
+  service @1 :Text;        # a TCP service; with `http`, an HTTP service ("" = the default one)
+  http @2 :Bool;           # carry one HTTP/1.1 connection as raw bytes: the agent dials the HTTP
+                           # service, then answers with a ResponseHead (status 200, `host`: the
+                           # local authority, `x-strait-path-prefix` when it has one) before any
+                           # Data. Only to agents whose Hello lists "raw-http".
 }
 
 # Named `DataFrame` because a struct called `Data` would shadow the built-in `Data` type.

@@ -20,7 +20,7 @@ use hyper::body::{Body, Frame as BodyFrame, Incoming, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
-use strait_schema::{ErrorCode, Frame, Header, RequestHead, ResponseHead};
+use strait_schema::{ErrorCode, Frame, Header, RequestHead, ResponseHead, PATH_PREFIX_HEADER};
 use tokio::sync::mpsc;
 
 use crate::config::HttpTarget;
@@ -166,6 +166,39 @@ async fn upgrade(ctx: StreamCtx, head: RequestHead, upstream: Arc<HttpUpstream>)
         recv_credit,
         inbound,
     };
+    tcp_fwd::relay(ctx, rd, wr, authority).await;
+}
+
+/// Carries one caller's HTTP/1.1 connection as bytes (`StreamOpen` with `http`, see
+/// [`strait_schema::CAP_RAW_HTTP`]): dials the service, tells the gateway where it is (a
+/// `ResponseHead` whose `host` is the local authority, with `x-strait-path-prefix` when the
+/// service has one) and [`tcp_fwd::relay`]s until both sides are done. The gateway writes every
+/// request head for that host, so nothing here parses HTTP, and the connection serves this caller
+/// only, never the pool.
+pub(crate) async fn connection(ctx: StreamCtx, upstream: Arc<HttpUpstream>) {
+    let authority = upstream.target.authority.as_str();
+    let io = match upstream.pool.connect().await {
+        Ok(io) => TokioIo::new(io),
+        Err(e) => {
+            let reason = describe_failure(&e, authority);
+            tracing::debug!(stream = %ctx.tx.id, %reason, "local HTTP connection failed");
+            return ctx.tx.reset(ErrorCode::ServiceUnavailable, &reason).await;
+        }
+    };
+    let mut headers = vec![Header {
+        name: HOST.as_str().to_owned(),
+        value: Bytes::copy_from_slice(authority.as_bytes()),
+    }];
+    if !upstream.target.path_prefix.is_empty() {
+        headers.push(Header {
+            name: PATH_PREFIX_HEADER.to_owned(),
+            value: Bytes::copy_from_slice(upstream.target.path_prefix.as_bytes()),
+        });
+    }
+    if !send_head(&ctx.tx, StatusCode::OK, headers).await {
+        return;
+    }
+    let (rd, wr) = tokio::io::split(io);
     tcp_fwd::relay(ctx, rd, wr, authority).await;
 }
 

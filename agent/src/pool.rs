@@ -16,6 +16,9 @@ use tower_service::Service;
 
 use crate::http_fwd::Connector;
 
+/// One dialled connection to the service, plain or TLS.
+pub(crate) type Conn = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+
 /// Why a request never got a response from the local service.
 #[derive(Debug)]
 pub(crate) enum Failure {
@@ -117,15 +120,20 @@ where
         None
     }
 
-    async fn dial(&self) -> Result<http1::SendRequest<B>, Failure> {
-        self.reaper
-            .call_once(|| spawn_reaper(Arc::downgrade(&self.idle), self.idle_timeout));
-        let io = self
-            .connector
+    /// A new connection to the service (TLS for `https`), outside the pool: for a caller's
+    /// connection carried as bytes, which is never shared.
+    pub(crate) async fn connect(&self) -> Result<Conn, Failure> {
+        self.connector
             .clone()
             .call(self.dial.clone())
             .await
-            .map_err(Failure::Connect)?;
+            .map_err(Failure::Connect)
+    }
+
+    async fn dial(&self) -> Result<http1::SendRequest<B>, Failure> {
+        self.reaper
+            .call_once(|| spawn_reaper(Arc::downgrade(&self.idle), self.idle_timeout));
+        let io = self.connect().await?;
         let (tx, conn) = http1::Builder::new().handshake(io).await.map_err(Failure::Http)?;
         // The connection runs on its own; it ends when the service closes it or every sender
         // for it is dropped. `with_upgrades` keeps a `101` connection usable as a byte stream.

@@ -10,7 +10,7 @@ use http::header::{HeaderValue, USER_AGENT};
 use strait_schema::ws::Message;
 use strait_schema::{
     credentials, decode, decode_bytes, encode, DecodeError, ErrorCode, Frame, Hello, Limits, Ping, Pong, RequestHead,
-    ServiceKind, StreamId, StreamOpen, Welcome, CAP_INLINE_END, PROTOCOL_VERSION,
+    ServiceKind, StreamId, StreamOpen, Welcome, CAP_INLINE_END, CAP_RAW_HTTP, PROTOCOL_VERSION,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -166,7 +166,7 @@ fn hello(cfg: &AgentConfig) -> Hello {
         nonce: rand::random(),
         signature: [0; 32],
         version: PROTOCOL_VERSION,
-        capabilities: vec![CAP_INLINE_END.to_owned()],
+        capabilities: vec![CAP_INLINE_END.to_owned(), CAP_RAW_HTTP.to_owned()],
         services: cfg.services.iter().map(|s| s.decl()).collect(),
     };
     hello.signature = credentials::sign(&cfg.token.secret, &hello);
@@ -483,6 +483,7 @@ impl Session {
                     }
                 }
             }
+            Frame::StreamOpen(open) if open.http => self.open_http_connection(open),
             Frame::StreamOpen(open) => self.open_tcp(open),
             Frame::Data(d) => {
                 let Some(entry) = self.streams.get(&d.stream) else {
@@ -583,6 +584,13 @@ impl Session {
         let id = head.stream;
         if let Some(Upstream::Http(up)) = self.admit(id, &head.service, ServiceKind::Http) {
             self.start(id, move |ctx| http_fwd::exchange(ctx, head, up));
+        }
+    }
+
+    fn open_http_connection(&mut self, open: StreamOpen) {
+        let id = open.stream;
+        if let Some(Upstream::Http(up)) = self.admit(id, &open.service, ServiceKind::Http) {
+            self.start(id, move |ctx| http_fwd::connection(ctx, up));
         }
     }
 

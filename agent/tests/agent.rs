@@ -21,7 +21,7 @@ use strait_schema::credentials;
 use strait_schema::{
     decode, encode, AgentName, AgentToken, Credit, Data, ErrorCode, Fin, Frame, GoAway, Header, Limits, Pong,
     RefuseCode, Refused, RequestHead, Secret, ServiceDecl, ServiceKind, StreamId, StreamOpen, Welcome, WireLimits,
-    CAP_INLINE_END, PROTOCOL_VERSION,
+    CAP_INLINE_END, CAP_RAW_HTTP, PATH_PREFIX_HEADER, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -490,6 +490,7 @@ async fn streams_round_trip_under_credit() {
         Frame::StreamOpen(StreamOpen {
             stream: StreamId(6),
             service: "gone".into(),
+            http: false,
         }),
     )
     .await;
@@ -501,6 +502,7 @@ async fn streams_round_trip_under_credit() {
         Frame::StreamOpen(StreamOpen {
             stream: StreamId(7),
             service: "down".into(),
+            http: false,
         }),
     )
     .await;
@@ -516,6 +518,7 @@ async fn streams_round_trip_under_credit() {
         Frame::StreamOpen(StreamOpen {
             stream: s,
             service: "echo".into(),
+            http: false,
         }),
     )
     .await;
@@ -1335,6 +1338,126 @@ async fn local_connections_are_reused_and_closed_ones_replaced() {
         3,
         "each request after a close dials anew"
     );
+    agent.kill();
+}
+
+fn open_http(stream: u64, service: &str) -> Frame {
+    Frame::StreamOpen(StreamOpen {
+        stream: StreamId(stream),
+        service: service.into(),
+        http: true,
+    })
+}
+
+/// The stream's bytes until `want` of them arrived (or its `Fin`).
+async fn read_stream(ws: &mut Ws, stream: StreamId, want: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < want {
+        match next(ws).await {
+            Frame::Data(d) if d.stream == stream => got.extend_from_slice(&d.bytes),
+            Frame::Fin(f) if f.stream == stream => break,
+            other => panic!("expected bytes of {stream}, got {other:?}"),
+        }
+    }
+    got
+}
+
+/// `StreamOpen` with `http` carries a caller's HTTP/1.1 connection as bytes: the agent dials the
+/// service once, says where it is (`host`, path prefix) before any byte, and copies requests and
+/// answers both ways unparsed, all on that one local connection; the gateway's `Fin` ends it.
+/// A service that is down, or a TCP service named as HTTP, gets a reset with a reason.
+#[tokio::test]
+async fn an_http_connection_is_carried_as_bytes_on_one_local_connection() {
+    use std::sync::atomic::Ordering;
+    let (plain, accepted) = counting_service(None).await;
+    let prefixed = http_upstream().await;
+    let echo = tcp_echo().await;
+    let closed = closed_port().await;
+    let (agent, listener, _token) = start(&[
+        format!("http://{plain}"),
+        format!("web=http://{prefixed}/base"),
+        format!("down=http://127.0.0.1:{closed}"),
+        format!("echo=tcp://{echo}"),
+    ])
+    .await;
+    let (mut ws, _) = accept(&listener).await;
+    let Frame::Hello(hello) = next(&mut ws).await else {
+        panic!("first frame must be Hello")
+    };
+    assert!(hello.capabilities.iter().any(|c| c == CAP_RAW_HTTP), "{hello:?}");
+    send(&mut ws, welcome()).await;
+
+    // The default service: two requests, two answers, one connection.
+    let s = StreamId(1);
+    send(&mut ws, open_http(1, "")).await;
+    match next(&mut ws).await {
+        Frame::ResponseHead(h) if h.stream == s => {
+            assert_eq!(h.status, 200);
+            assert_eq!(value(&h.headers, "host"), vec![plain.to_string().as_bytes()]);
+            assert!(value(&h.headers, PATH_PREFIX_HEADER).is_empty(), "{h:?}");
+            assert!(!h.end);
+        }
+        other => panic!("expected the connection's head, got {other:?}"),
+    }
+    let answer: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    for _ in 0..2 {
+        send(
+            &mut ws,
+            Frame::Data(Data {
+                stream: s,
+                bytes: Bytes::from_static(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"),
+            }),
+        )
+        .await;
+        assert_eq!(read_stream(&mut ws, s, answer.len()).await, answer);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one caller connection, one local one"
+    );
+    // The caller hung up: the service sees EOF, closes, and the stream ends cleanly.
+    send(&mut ws, Frame::Fin(Fin { stream: s })).await;
+    match next(&mut ws).await {
+        Frame::Fin(f) if f.stream == s => {}
+        other => panic!("expected Fin, got {other:?}"),
+    }
+
+    // A named service under a path: the head says so, and bytes pass as they are.
+    let s = StreamId(2);
+    send(&mut ws, open_http(2, "web")).await;
+    match next(&mut ws).await {
+        Frame::ResponseHead(h) if h.stream == s => {
+            assert_eq!(value(&h.headers, "host"), vec![prefixed.to_string().as_bytes()]);
+            assert_eq!(value(&h.headers, PATH_PREFIX_HEADER), vec![&b"/base"[..]]);
+        }
+        other => panic!("expected the connection's head, got {other:?}"),
+    }
+    send_last(
+        &mut ws,
+        s,
+        b"POST /base/echo HTTP/1.1\r\nhost: local\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+    )
+    .await;
+    let got = String::from_utf8(read_stream(&mut ws, s, usize::MAX).await).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(
+        got.contains("x-seen-host: local\r\n"),
+        "the gateway's head is not rewritten: {got}"
+    );
+    assert!(got.contains("x-seen-target: /base/echo\r\n"), "{got}");
+    assert!(got.ends_with("\r\n\r\nhello"), "{got}");
+
+    let (code, reason) = {
+        send(&mut ws, open_http(3, "down")).await;
+        expect_reset(&mut ws, StreamId(3)).await
+    };
+    assert_eq!(code, ErrorCode::ServiceUnavailable);
+    assert_eq!(reason, format!("local service refused connection (127.0.0.1:{closed})"));
+    send(&mut ws, open_http(4, "echo")).await;
+    let (code, reason) = expect_reset(&mut ws, StreamId(4)).await;
+    assert_eq!(code, ErrorCode::ServiceUnavailable);
+    assert!(reason.contains("is a TCP service"), "{reason}");
     agent.kill();
 }
 

@@ -135,6 +135,7 @@ async fn open(state: Arc<NodeState>, route: Route, sock: tokio::net::TcpStream, 
     if !grant.link.send(&Frame::StreamOpen(StreamOpen {
         stream: id,
         service: route.service.clone(),
+        http: false,
     })) {
         return refuse(ErrorCode::AgentUnavailable, "agent disconnected".into());
     }

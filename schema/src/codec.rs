@@ -318,6 +318,7 @@ fn write_frame(b: wire::frame::Builder<'_>, frame: &Frame) {
             let mut w = b.init_stream_open();
             w.set_stream(s.stream.0);
             w.set_service(s.service.as_str());
+            w.set_http(s.http);
         }
         Frame::Data(d) => {
             let mut w = b.init_data();
@@ -676,9 +677,16 @@ fn read_frame(r: wire::frame::Reader<'_>, limits: &Limits, payload: Payload<'_>)
         }
         Which::StreamOpen(x) => {
             let x = x.map_err(malformed("stream_open"))?;
+            let http = x.get_http();
+            let service = if http {
+                read_service_name(x.get_service(), "stream_open.service")?
+            } else {
+                read_short_id(x.get_service(), "stream_open.service")?
+            };
             Frame::StreamOpen(StreamOpen {
                 stream: read_stream(x.get_stream(), "stream_open.stream")?,
-                service: read_short_id(x.get_service(), "stream_open.service")?.to_owned(),
+                service: service.to_owned(),
+                http,
             })
         }
         Which::Data(x) => {

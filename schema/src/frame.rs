@@ -14,6 +14,16 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// bus envelope instead of three across nodes). An agent sends that form only to such a node.
 pub const CAP_INLINE_END: &str = "inline-end";
 
+/// Capability an agent lists in `Hello` when it takes a [`StreamOpen`] with `http` for an HTTP
+/// service: the caller's HTTP/1.1 connection travels as bytes, and the agent copies them to and
+/// from one connection to the service without parsing HTTP (docs/benchmarks.md: re-encoding each
+/// request is what small requests spend most of their tunnel time on).
+pub const CAP_RAW_HTTP: &str = "raw-http";
+
+/// In the head an agent opens a [`CAP_RAW_HTTP`] stream with: the path the service lives under,
+/// which the gateway puts in front of every request target it writes.
+pub const PATH_PREFIX_HEADER: &str = "x-strait-path-prefix";
+
 /// Identifies one stream (HTTP exchange or byte stream) on one agent connection. Chosen at random
 /// (non-zero) by the node that opens it, so ids stay unique across a cluster without coordination;
 /// the agent session refuses a duplicate.
@@ -200,13 +210,16 @@ pub struct ResponseHead {
     pub body: Bytes,
 }
 
-/// Opens a raw byte stream to a named TCP service of the agent.
+/// Opens a raw byte stream to a named TCP service of the agent, or (`http`) to an HTTP service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamOpen {
     /// New stream id.
     pub stream: StreamId,
-    /// Service name.
+    /// Service name: a short id, or with `http` also `""` (the default HTTP service).
     pub service: String,
+    /// The stream carries one HTTP/1.1 connection to an HTTP service ([`CAP_RAW_HTTP`]): the
+    /// agent answers with a [`ResponseHead`] naming the service's `host` before any `Data`.
+    pub http: bool,
 }
 
 /// Payload bytes of a stream; counts against the receiver's credit.

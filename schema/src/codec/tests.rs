@@ -157,7 +157,18 @@ fn frame() -> impl Strategy<Value = Frame> {
                     body,
                 })
             }),
-        (stream_id(), short_id()).prop_map(|(stream, service)| Frame::StreamOpen(StreamOpen { stream, service })),
+        (stream_id(), short_id()).prop_map(|(stream, service)| Frame::StreamOpen(StreamOpen {
+            stream,
+            service,
+            http: false
+        })),
+        (stream_id(), prop_oneof![Just(String::new()), short_id()]).prop_map(|(stream, service)| {
+            Frame::StreamOpen(StreamOpen {
+                stream,
+                service,
+                http: true,
+            })
+        }),
         (stream_id(), payload()).prop_map(|(stream, bytes)| Frame::Data(Data { stream, bytes })),
         (stream_id(), 1..=u32::MAX).prop_map(|(stream, bytes)| Frame::Credit(Credit { stream, bytes })),
         stream_id().prop_map(|stream| Frame::Fin(Fin { stream })),
@@ -635,6 +646,7 @@ fn decode_refuses_zero_stream_id() {
         Frame::StreamOpen(StreamOpen {
             stream: zero,
             service: "ssh".into(),
+            http: false,
         }),
         "stream_open.stream",
     );
@@ -766,16 +778,31 @@ fn decode_refuses_stream_open_without_service() {
         Frame::StreamOpen(StreamOpen {
             stream: stream(),
             service: String::new(),
+            http: false,
         }),
         "stream_open.service",
     );
-    assert_refused(
-        Frame::StreamOpen(StreamOpen {
-            stream: stream(),
-            service: "a b".into(),
-        }),
-        "stream_open.service",
-    );
+    for http in [false, true] {
+        assert_refused(
+            Frame::StreamOpen(StreamOpen {
+                stream: stream(),
+                service: "a b".into(),
+                http,
+            }),
+            "stream_open.service",
+        );
+    }
+}
+
+/// The default HTTP service has no name, so an HTTP connection to it is opened with `""`.
+#[test]
+fn an_http_stream_open_may_name_the_default_service() {
+    let open = Frame::StreamOpen(StreamOpen {
+        stream: stream(),
+        service: String::new(),
+        http: true,
+    });
+    assert_eq!(decode(&encode(&open), &limits()), Ok(open));
 }
 
 #[test]
@@ -1335,6 +1362,7 @@ fn seed_messages() -> Vec<(String, Vec<u8>)> {
         Frame::StreamOpen(StreamOpen {
             stream: stream(),
             service: "ssh".into(),
+            http: false,
         }),
         Frame::Data(Data {
             stream: stream(),
