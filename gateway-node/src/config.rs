@@ -106,6 +106,21 @@ pub struct ServeArgs {
     /// machine shared with other busy processes, 1 serves more requests per CPU second.
     #[arg(long, env = "STRAIT_WORKERS")]
     pub workers: Option<usize>,
+    /// How public HTTP reaches an agent: `connection` carries each caller's connection as bytes
+    /// to one connection of the agent's to its service, reading only heads (an agent too old for
+    /// that is served as with `request`); `request` re-encodes each request as frames the agent
+    /// replays with its own HTTP client.
+    #[arg(long, env = "STRAIT_HTTP_RELAY", value_enum, default_value_t = HttpRelay::Connection)]
+    pub http_relay: HttpRelay,
+}
+
+/// How public HTTP requests travel to an agent (`--http-relay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HttpRelay {
+    /// Each request as frames: head, body, the agent's answer (`ingress`).
+    Request,
+    /// Each caller connection as one byte stream (`carried`).
+    Connection,
 }
 
 /// Which implementations sit behind `Store`, `Directory` and `Bus`.
@@ -191,6 +206,8 @@ pub struct NodeConfig {
     pub drain_delay: Duration,
     /// How long in-flight requests may run on after shutdown is asked.
     pub drain_grace: Duration,
+    /// How public HTTP requests travel to an agent.
+    pub http_relay: HttpRelay,
 }
 
 impl NodeConfig {
@@ -224,6 +241,7 @@ impl NodeConfig {
             handoff: Duration::ZERO,
             drain_delay: Duration::ZERO,
             drain_grace: Duration::from_secs(30),
+            http_relay: HttpRelay::Connection,
         }
     }
 
@@ -270,6 +288,7 @@ impl NodeConfig {
         cfg.heartbeat = Duration::from_millis(u64::from(a.heartbeat_ms));
         cfg.head_timeout = Duration::from_secs(a.head_timeout_secs.max(1));
         cfg.caller_timeout = Duration::from_secs(a.caller_timeout_secs.max(1));
+        cfg.http_relay = a.http_relay;
         cfg.clock_skew = Duration::from_secs(a.clock_skew_secs.max(1));
         if a.stream_window < MIN_STREAM_WINDOW {
             return Err(Error::Config(format!(

@@ -39,6 +39,15 @@ pub enum Error {
     /// The bus refused an envelope.
     #[error("bus: {0}")]
     Bus(#[from] strait_bus::Error),
+    /// An HTTP/1.1 message on a carried connection that cannot be relayed safely: the caller's
+    /// (`status` 400 or 431) or the local service's (502).
+    #[error("{why}")]
+    BadMessage {
+        /// What the caller is answered.
+        status: u16,
+        /// Why, for the caller and the log.
+        why: &'static str,
+    },
 }
 
 impl Error {
@@ -47,6 +56,8 @@ impl Error {
         match self {
             Error::AgentUnavailable(_) | Error::Bus(_) => ErrorCode::AgentUnavailable,
             Error::InvalidAgentName(_) => ErrorCode::BadRequest,
+            Error::BadMessage { status: 502, .. } => ErrorCode::ServiceUnavailable,
+            Error::BadMessage { .. } => ErrorCode::BadRequest,
             _ => ErrorCode::Internal,
         }
     }

@@ -45,6 +45,11 @@ impl RequestCtl {
         (Arc::new(ctl), rx)
     }
 
+    /// The credit the agent grants for bytes towards it, for a pump other than [`Request`]'s.
+    pub fn credit(&self) -> Arc<Semaphore> {
+        self.credit.clone()
+    }
+
     /// False when the event cannot be delivered: a head nobody waits for any more (the stream
     /// should be reset).
     pub fn deliver(&self, ev: StreamEvent) -> bool {

@@ -43,6 +43,19 @@ pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: act
     if let Err(e) = io.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY on a caller's connection");
     }
+    serve_io(io, peer, node, closing).await
+}
+
+/// [`serve`] on any connection: also a caller's connection that `carried` began reading and
+/// hands over, with what it read, when the agent cannot take it as bytes.
+pub async fn serve_io<I>(
+    io: I,
+    peer: Option<SocketAddr>,
+    node: Arc<NodeState>,
+    closing: actix_server::GracefulShutdownSignal,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let caller_timeout = node.cfg.caller_timeout;
     let requests = node.metrics.requests.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -253,6 +266,7 @@ async fn carry(
         ctl: StreamOwner::Request(ctl.clone()),
         body: body_tx,
         expects_head: true,
+        carries_http: false,
     };
     let grant = match cluster::open_stream(&node, &target, &agent, open).await {
         Ok(g) => g,

@@ -2,11 +2,13 @@
 //! bus they run on. A single node runs on embedded backends; a cluster swaps in Redis, RabbitMQ
 //! and Postgres behind the same traits.
 
+pub mod carried;
 pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod error;
 pub mod head_timer;
+pub mod http1;
 pub mod inflight;
 pub mod ingress;
 pub mod metrics;

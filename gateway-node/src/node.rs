@@ -17,13 +17,13 @@ use strait_schema::AgentName;
 use tokio::sync::watch;
 
 use crate::cluster::{BusOut, RemoteStreams};
-use crate::config::{Backends, NodeConfig};
+use crate::config::{Backends, HttpRelay, NodeConfig};
 use crate::directory::{Directory, MemoryDirectory, RedisDirectory};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::session::{AgentLink, AgentSession, Drain, Kick, StreamTable};
 use crate::store::{PgStore, SqliteStore, Store};
-use crate::{cluster, ingress, ops, session};
+use crate::{carried, cluster, ingress, ops, session};
 
 /// Lifecycle of a node, as `/readyz` and tests see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,7 +277,14 @@ pub async fn run(listeners: Listeners, state: Arc<NodeState>, shutdown: impl Fut
         .listen("ingress", listeners.http, move || {
             let (node, closing) = (ingress_node.clone(), closing.clone());
             fn_service(move |io: actix_rt::net::TcpStream| {
-                ingress::serve(io, node.clone(), closing.clone()).map(Ok::<_, std::convert::Infallible>)
+                let (node, closing) = (node.clone(), closing.clone());
+                async move {
+                    match node.cfg.http_relay {
+                        HttpRelay::Request => ingress::serve(io, node, closing).await,
+                        HttpRelay::Connection => carried::serve(io, node, closing).await,
+                    }
+                    Ok::<_, std::convert::Infallible>(())
+                }
             })
         })?
         .run();

@@ -15,7 +15,7 @@ use strait_schema::window::WindowPool;
 use strait_schema::ws::Message as WsMessage;
 use strait_schema::{
     credentials, decode_bytes, encode, AgentName, DecodeError, ErrorCode, Frame, Hello, Limits, Pong, RefuseCode,
-    Refused, RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, CAP_INLINE_END,
+    Refused, RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, CAP_INLINE_END, CAP_RAW_HTTP,
     PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -206,7 +206,14 @@ pub struct OpenStream {
     pub body: mpsc::UnboundedSender<BodyEvent>,
     /// HTTP streams start with the agent's `ResponseHead`; byte streams carry data at once.
     pub expects_head: bool,
+    /// A caller's HTTP connection carried as bytes (`StreamOpen` with `http`): only agents that
+    /// listed `raw-http` in their `Hello` take one.
+    pub carries_http: bool,
 }
+
+/// Why a carried HTTP connection was refused: the agent predates `raw-http`.
+pub const NO_RAW_HTTP: &str =
+    "agent does not take HTTP connections as bytes (upgrade it, or run the node with --http-relay request)";
 
 /// The node is shutting down: tell the agent to reconnect elsewhere (`GoAway`), and keep serving
 /// this connection's in-flight streams until they finish or the node stops.
@@ -323,15 +330,20 @@ pub struct StreamTable {
 struct Streams {
     /// True from the handshake until the session starts closing.
     accepting: bool,
+    /// The agent listed `raw-http`: it takes HTTP connections carried as bytes.
+    raw_http: bool,
     map: HashMap<StreamId, StreamEntry>,
 }
 
 impl Streams {
     /// Whether a new stream may open: the session is active, under its stream cap, and the id is
     /// new. Shared by local and relayed opens so both refuse with the same codes.
-    fn admit(&self, id: StreamId, max: usize) -> Result<(), (ErrorCode, String)> {
+    fn admit(&self, id: StreamId, max: usize, carries_http: bool) -> Result<(), (ErrorCode, String)> {
         if !self.accepting {
             return Err((ErrorCode::AgentUnavailable, "agent is disconnecting".into()));
+        }
+        if carries_http && !self.raw_http {
+            return Err((ErrorCode::ServiceUnavailable, NO_RAW_HTTP.into()));
         }
         if self.map.len() >= max {
             return Err((
@@ -363,7 +375,7 @@ impl StreamTable {
     ) -> Result<StreamGrant, (ErrorCode, String)> {
         let granted = Arc::new(AtomicU64::new(u64::from(limits.stream_window)));
         let mut t = self.inner.lock();
-        t.admit(open.id, limits.max_streams as usize)?;
+        t.admit(open.id, limits.max_streams as usize, open.carries_http)?;
         t.map.insert(
             open.id,
             StreamEntry {
@@ -662,7 +674,11 @@ impl AgentSession {
                 }
             };
             let agent = hello.agent.clone();
-            this.streams.inner.lock().accepting = true;
+            {
+                let mut t = this.streams.inner.lock();
+                t.accepting = true;
+                t.raw_http = hello.capabilities.iter().any(|c| c == CAP_RAW_HTTP);
+            }
             let sref = SessionRef {
                 session_id: this.session_id,
                 addr: ctx.address(),
@@ -999,7 +1015,8 @@ impl Handler<FromCaller> for AgentSession {
         let mut t = self.streams.inner.lock();
         match &msg.frame {
             Frame::RequestHead(_) | Frame::StreamOpen(_) => {
-                if let Err((code, why)) = t.admit(id, limits.max_streams as usize) {
+                let carries_http = matches!(&msg.frame, Frame::StreamOpen(o) if o.http);
+                if let Err((code, why)) = t.admit(id, limits.max_streams as usize, carries_http) {
                     drop(t);
                     let reset = Frame::Reset(Reset {
                         stream: id,
@@ -1009,7 +1026,8 @@ impl Handler<FromCaller> for AgentSession {
                     self.node.bus_out.send(&msg.from_node, agent, epoch, reset);
                     return;
                 }
-                let head_seen = matches!(msg.frame, Frame::StreamOpen(_));
+                // A carried HTTP connection starts with the agent's head, like a request.
+                let head_seen = matches!(msg.frame, Frame::StreamOpen(_)) && !carries_http;
                 let caller = Caller::Remote {
                     node: msg.from_node,
                     fin_from_caller: matches!(msg.frame, Frame::RequestHead(RequestHead { end: true, .. })),
@@ -1114,6 +1132,7 @@ mod tests {
             ctl: StreamOwner::Actor(owner.clone().recipient()),
             body: mpsc::unbounded_channel().0,
             expects_head: true,
+            carries_http: false,
         };
         let refusal = |r: Result<StreamGrant, (ErrorCode, String)>| r.err().expect("open should be refused");
 
@@ -1138,6 +1157,16 @@ mod tests {
         );
 
         table.close(StreamId(1));
+        // A carried HTTP connection only to an agent that said it takes one.
+        let carried = |id: u64| OpenStream {
+            carries_http: true,
+            ..open(id)
+        };
+        let (code, why) = refusal(table.open(carried(2), &link, limits, &windows));
+        assert_eq!((code, why.as_str()), (ErrorCode::ServiceUnavailable, NO_RAW_HTTP));
+        table.inner.lock().raw_http = true;
+        assert!(table.open(carried(2), &link, limits, &windows).is_ok());
+        table.close(StreamId(2));
         assert!(table.open(open(2), &link, limits, &windows).is_ok());
         // The session starts closing: a caller that still holds its reference is refused.
         table.inner.lock().accepting = false;

@@ -127,6 +127,7 @@ async fn open(state: Arc<NodeState>, route: Route, sock: tokio::net::TcpStream, 
         ctl: StreamOwner::Actor(addr.recipient()),
         body: body_tx,
         expects_head: false,
+        carries_http: false,
     };
     let grant = match cluster::open_stream(&state, &target, &route.agent, open).await {
         Ok(g) => g,

@@ -3,6 +3,7 @@
 
 #![allow(unreachable_pub, clippy::unwrap_used)]
 
+mod carried;
 mod cluster;
 mod harness;
 mod http;

@@ -438,3 +438,32 @@ async fn a_slow_or_oversized_upgrade_is_answered_and_closed() {
     assert!(oversized.contains("request head over 8192 bytes"), "{oversized}");
     assert_eq!(served, 200);
 }
+
+/// With `--http-relay connection`, an agent that does not list `raw-http` (one older than the
+/// node) is still served: its callers' requests reach it as `RequestHead`s, as with the request
+/// relay, on the connection the node began reading.
+#[actix_rt::test]
+async fn an_agent_without_raw_http_is_served_request_by_request() {
+    let node = TestNode::with(|c| c.http_relay = strait_gateway::config::HttpRelay::Connection).await;
+    let mut ws = raw_agent(&node, "older").await;
+    let c = node.client(&["older"]);
+    for i in 0..2u8 {
+        let req = tokio::spawn(c.get(node.url("older", "/x")).send());
+        let head = match next_frame(&mut ws).await {
+            Some(Frame::RequestHead(h)) => h,
+            other => panic!("expected a RequestHead, got {other:?}"),
+        };
+        assert_eq!(head.uri, "/x");
+        let whole = Frame::ResponseHead(ResponseHead {
+            stream: head.stream,
+            status: 200,
+            headers: vec![],
+            end: true,
+            body: vec![b'0' + i].into(),
+        });
+        ws.send(Message::Binary(encode(&whole).into())).await.unwrap();
+        let res = req.await.unwrap().unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.bytes().await.unwrap().as_ref(), &[b'0' + i]);
+    }
+}

@@ -77,8 +77,19 @@ async fn any_node_serves_an_agent_on_another_http_and_tcp() {
             assert_eq!(read_pattern(&mut rd, 33).await, 10 << 20);
             w.await.unwrap();
         }
-        // Those crossed the bus; a request on the agent's own node does not.
-        let before = metric_value(&c.metrics(1).await, "strait_bus_envelopes_total{event=\"published\"}");
+        // Those crossed the bus; a request on the agent's own node does not. (The end of a caller's
+        // carried connection crosses a moment after the caller let go: let the count settle.)
+        let published =
+            || async { metric_value(&c.metrics(1).await, "strait_bus_envelopes_total{event=\"published\"}") };
+        let mut before = published().await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = published().await;
+            if now == before {
+                break;
+            }
+            before = now;
+        }
         assert!(before > 0);
         let http = c.client(1, &["alpha"]);
         for i in 0..10u64 {

@@ -1,0 +1,227 @@
+//! Public HTTP carried as bytes (`--http-relay connection`): what only that relay has to get
+//! right. Everything else about public HTTP is the same suite for both relays (`scripts/test`
+//! runs it once per relay).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use strait_gateway::config::HttpRelay;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::*;
+use crate::http::metric_value;
+
+async fn carried_node() -> TestNode {
+    TestNode::with(|c| c.http_relay = HttpRelay::Connection).await
+}
+
+/// Reads one answer with a `content-length` from `s`: its head (lowercased) and its body.
+async fn read_answer(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "connection closed mid-head");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap().to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    (head, body)
+}
+
+/// Requests written back to back are answered in order on the one connection; an HTTP/1.0
+/// caller is asked for in 1.0, so a service that would chunk its answer does not.
+#[actix_rt::test]
+async fn pipelined_requests_are_answered_in_order_and_a_1_0_caller_in_1_0() {
+    let backend = Backend::start().await;
+    let node = carried_node().await;
+    let _agent = node.connect_agent("alpha", &backend.url()).await;
+    let host = format!("alpha.localhost:{}", node.http_addr.port());
+    let pipelined = format!(
+        "GET /status/201 HTTP/1.1\r\nHost: {host}\r\n\r\nGET /status/202 HTTP/1.1\r\nHost: {host}\r\n\r\n\
+         GET /status/203 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    );
+    let (answer, _) = raw_exchange(node.http_addr, pipelined.as_bytes()).await;
+    let at = |status: &str| {
+        answer
+            .find(&format!("HTTP/1.1 {status}"))
+            .unwrap_or_else(|| panic!("no {status} in {answer}"))
+    };
+    assert!(at("201") < at("202") && at("202") < at("203"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 3, "{answer}");
+
+    let old = format!("GET /bytes/1000?seed=3&chunked=1 HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    let mut s = TcpStream::connect(node.http_addr).await.unwrap();
+    s.write_all(old.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("a 1.0 answer ends with the connection")
+        .unwrap();
+    let end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.0 200"), "{head}");
+    assert!(!head.contains("chunked"), "{head}");
+    let body = &answer[end..];
+    assert_eq!(body.len(), 1000);
+    assert!(body.iter().enumerate().all(|(i, b)| *b == pattern(3, i as u64)));
+}
+
+/// Each request on a connection is routed by its own `Host`: a connection that asks for another
+/// agent is carried to that one from then on.
+#[actix_rt::test]
+async fn one_connection_follows_the_host_of_each_request() {
+    let backend = Backend::start().await;
+    let node = carried_node().await;
+    let _alpha = node.connect_agent("alpha", &backend.url()).await;
+    let _beta = node.connect_agent("beta", &backend.url()).await;
+    let mut s = TcpStream::connect(node.http_addr).await.unwrap();
+    for agent in ["alpha", "beta", "alpha"] {
+        let host = format!("{agent}.localhost:{}", node.http_addr.port());
+        let req = format!("GET /inspect HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (head, body) = read_answer(&mut s).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let headers: Vec<(String, String)> = serde_json::from_value(j["headers"].clone()).unwrap();
+        let routed: Vec<_> = headers.iter().filter(|(k, _)| k == "x-forwarded-host").collect();
+        assert_eq!(routed.len(), 1, "{headers:?}");
+        assert_eq!(routed[0].1, host);
+    }
+}
+
+/// A request whose length two parsers could read differently never reaches the service (the bytes
+/// after it would be forwarded as a next request); nor does a body that breaks chunked framing
+/// get further than where it breaks. Each is answered 400 and its connection closed.
+#[actix_rt::test]
+async fn ambiguous_or_broken_framing_is_refused() {
+    let backend = Backend::start().await;
+    let node = carried_node().await;
+    let _agent = node.connect_agent("alpha", &backend.url()).await;
+    let host = format!("alpha.localhost:{}", node.http_addr.port());
+    for req in [
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ),
+        format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+        format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: gzip\r\n\r\nxx"),
+        format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n"),
+    ] {
+        let (answer, _) = raw_exchange(node.http_addr, req.as_bytes()).await;
+        let answer = answer.to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 400"), "{req:?}: {answer}");
+        assert!(answer.contains("x-strait-error: bad_request"), "{answer}");
+    }
+    // The node serves on.
+    assert_eq!(node.get_status("alpha", "/status/200").await, 200);
+}
+
+/// A service that closes idle keep-alive connections (as many do after a few seconds) without
+/// saying so. If the close reached the node before the next request, that request goes on a new
+/// connection; if the two crossed (the service hangs up on the request, unanswered), the request
+/// is sent once more on a new one. Either way the caller sees no failure.
+#[actix_rt::test]
+async fn a_request_that_meets_a_closed_service_connection_is_sent_on_a_new_one() {
+    for close in [Close::WhenIdle, Close::OnNextRequest] {
+        let (addr, accepted) = one_answer_per_connection(close).await;
+        let node = carried_node().await;
+        let _agent = node.connect_agent("alpha", &format!("http://{addr}")).await;
+        let c = node.client(&["alpha"]);
+        for _ in 0..3 {
+            let res = c.get(node.url("alpha", "/")).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{close:?}");
+            assert_eq!(res.text().await.unwrap(), "ok");
+            if close == Close::WhenIdle {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "one service connection per request");
+        let m = node.metrics().await;
+        assert_eq!(
+            metric_value(&m, "strait_requests_total{outcome=\"ok\"}"),
+            3,
+            "{close:?}"
+        );
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// 50 ms after the answer.
+    WhenIdle,
+    /// When the next request arrives, without answering it.
+    OnNextRequest,
+}
+
+/// Answers the first request on each connection `200 ok`, then closes the connection as `close`
+/// says, without saying so.
+async fn one_answer_per_connection(close: Close) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                match close {
+                    Close::WhenIdle => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Close::OnNextRequest => {
+                        let _ = sock.read(&mut chunk).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A caller that hangs up while its answer is awaited ends the carried connection at once: the
+/// request is counted as `caller_gone`, long before the slow service would have answered.
+#[actix_rt::test]
+async fn a_caller_that_hangs_up_before_its_answer_ends_the_stream() {
+    let backend = Backend::start().await;
+    let node = carried_node().await;
+    let _agent = node.connect_agent("alpha", &backend.url()).await;
+    let mut s = TcpStream::connect(node.http_addr).await.unwrap();
+    let host = format!("alpha.localhost:{}", node.http_addr.port());
+    s.write_all(format!("GET /slow/20000 HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    eventually(Duration::from_secs(3), "the request counted as caller_gone", || async {
+        metric_value(&node.metrics().await, "strait_requests_total{outcome=\"caller_gone\"}") == 1
+    })
+    .await;
+    eventually(Duration::from_secs(3), "the stream left the agent's table", || async {
+        node.state
+            .sessions
+            .get(&strait_schema::AgentName::new("alpha").unwrap())
+            .map(|s| s.streams.open_count())
+            == Some(0)
+    })
+    .await;
+}
