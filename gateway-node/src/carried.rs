@@ -72,8 +72,8 @@ pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: act
         let span = tracing::info_span!("ingress", otel.kind = "server", http.request.method = %req.method, agent = tracing::field::Empty, http.response.status_code = tracing::field::Empty);
         let (outcome, next) = caller.exchange(req).instrument(span).await;
         if next == Next::HandOver {
-            // The agent predates `raw-http`: the request-by-request relay serves this
-            // connection, from the head we read on (it counts the request itself).
+            // The request relay serves this connection, from the head we read on (and counts
+            // the request itself).
             let Caller {
                 rd,
                 wr,
@@ -94,6 +94,10 @@ pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: act
         if next == Next::Close {
             break;
         }
+        // A body's large reads leave a large buffer behind; an idle connection keeps a small one.
+        if caller.buf.is_empty() && caller.buf.capacity() > 16 << 10 {
+            caller.buf = BytesMut::with_capacity(4096);
+        }
     }
     let _ = caller.wr.shutdown().await;
     if let Some(c) = caller.carried.take() {
@@ -108,7 +112,8 @@ enum Next {
     Again,
     /// It ends.
     Close,
-    /// The agent cannot take it as bytes: [`ingress`] serves it.
+    /// [`ingress`] serves it: the agent cannot take it as bytes, or it is a one-request
+    /// connection.
     HandOver,
 }
 
@@ -278,6 +283,11 @@ impl Caller {
             if let Some(c) = self.carried.take() {
                 c.finish();
             }
+        }
+        // A connection that will close after this one request gains nothing from its own
+        // connection to the service: the request relay's pooled ones serve it without a dial.
+        if self.carried.is_none() && !req.keep_alive && !req.upgrade {
+            return ("", Next::HandOver);
         }
         let mut reused = self.carried.is_some();
         if self.carried.is_none() {
@@ -753,7 +763,8 @@ async fn send_request(
         }
     }
     while !body.done() {
-        buf.reserve(up.max_data.min(64 << 10));
+        // Reads as large as a frame: a body moves in as few frames as it can.
+        buf.reserve(up.max_data);
         match rd.read_buf(buf).await {
             Ok(0) => return Err((ErrorCode::Reset, "caller closed the connection mid-request".into())),
             Ok(_) => {}

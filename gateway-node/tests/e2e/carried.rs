@@ -40,7 +40,7 @@ async fn read_answer(s: &mut TcpStream) -> (String, Vec<u8>) {
 }
 
 /// Requests written back to back are answered in order on the one connection; an HTTP/1.0
-/// caller is asked for in 1.0, so a service that would chunk its answer does not.
+/// caller's requests go to the service in 1.0, so a service that would chunk its answer does not.
 #[actix_rt::test]
 async fn pipelined_requests_are_answered_in_order_and_a_1_0_caller_in_1_0() {
     let backend = Backend::start().await;
@@ -60,7 +60,8 @@ async fn pipelined_requests_are_answered_in_order_and_a_1_0_caller_in_1_0() {
     assert!(at("201") < at("202") && at("202") < at("203"), "{answer}");
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 3, "{answer}");
 
-    let old = format!("GET /bytes/1000?seed=3&chunked=1 HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    // (A 1.0 request without keep-alive is one request: the request relay serves it.)
+    let old = format!("GET /bytes/1000?seed=3&chunked=1 HTTP/1.0\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n");
     let mut s = TcpStream::connect(node.http_addr).await.unwrap();
     s.write_all(old.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
@@ -133,7 +134,7 @@ async fn ambiguous_or_broken_framing_is_refused() {
 #[actix_rt::test]
 async fn a_request_that_meets_a_closed_service_connection_is_sent_on_a_new_one() {
     for close in [Close::WhenIdle, Close::OnNextRequest] {
-        let (addr, accepted) = one_answer_per_connection(close).await;
+        let (addr, accepted) = counting_service(close).await;
         let node = carried_node().await;
         let _agent = node.connect_agent("alpha", &format!("http://{addr}")).await;
         let c = node.client(&["alpha"]);
@@ -161,11 +162,12 @@ enum Close {
     WhenIdle,
     /// When the next request arrives, without answering it.
     OnNextRequest,
+    /// Only when the other side does (answering every request).
+    Never,
 }
 
-/// Answers the first request on each connection `200 ok`, then closes the connection as `close`
-/// says, without saying so.
-async fn one_answer_per_connection(close: Close) -> (SocketAddr, Arc<AtomicUsize>) {
+/// Answers requests `200 ok`, closing each connection as `close` says, without saying so.
+async fn counting_service(close: Close) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -179,23 +181,65 @@ async fn one_answer_per_connection(close: Close) -> (SocketAddr, Arc<AtomicUsize
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
                     }
-                }
-                let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-                match close {
-                    Close::WhenIdle => tokio::time::sleep(Duration::from_millis(50)).await,
-                    Close::OnNextRequest => {
-                        let _ = sock.read(&mut chunk).await;
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    match close {
+                        Close::WhenIdle => return tokio::time::sleep(Duration::from_millis(50)).await,
+                        Close::OnNextRequest => {
+                            let _ = sock.read(&mut chunk).await;
+                            return;
+                        }
+                        Close::Never => {}
                     }
                 }
             });
         }
     });
     (addr, accepted)
+}
+
+/// A connection that will close after its one request (`Connection: close`, or HTTP/1.0 without
+/// keep-alive) gains nothing from a service connection of its own: the request relay serves it,
+/// on the agent's pooled connections.
+#[actix_rt::test]
+async fn one_request_connections_share_the_agents_service_connections() {
+    let (addr, accepted) = counting_service(Close::Never).await;
+    let node = carried_node().await;
+    let _agent = node.connect_agent("alpha", &format!("http://{addr}")).await;
+    let host = format!("alpha.localhost:{}", node.http_addr.port());
+    for version in ["1.1\r\nConnection: close", "1.0", "1.1\r\nConnection: close"] {
+        let req = format!("GET / HTTP/{version}\r\nHost: {host}\r\n\r\n");
+        let (answer, _) = raw_exchange(node.http_addr, req.as_bytes()).await;
+        assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "three callers, one pooled service connection"
+    );
+    // A kept-alive connection is carried on a service connection of its own.
+    let c = node.client(&["alpha"]);
+    for _ in 0..2 {
+        assert_eq!(
+            c.get(node.url("alpha", "/"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "ok"
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 /// A caller that hangs up while its answer is awaited ends the carried connection at once: the
