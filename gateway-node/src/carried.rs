@@ -63,8 +63,10 @@ pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: act
         node,
         carried: None,
         version: 1,
+        timer: Deadline::new(),
     };
     let hand_over = closing.clone();
+    let ok = caller.node.metrics.requests.with_label_values(&["ok"]);
     let shutdown = closing.notified();
     tokio::pin!(shutdown);
     while let Some(req) = caller.read_head(shutdown.as_mut()).await {
@@ -88,9 +90,15 @@ pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: act
             }
             return;
         }
-        let m = &caller.node.metrics;
-        m.requests.with_label_values(&[outcome]).inc();
-        m.request_seconds.observe(started.elapsed().as_secs_f64());
+        match outcome {
+            "ok" => ok.inc(),
+            other => caller.node.metrics.requests.with_label_values(&[other]).inc(),
+        }
+        caller
+            .node
+            .metrics
+            .request_seconds
+            .observe(started.elapsed().as_secs_f64());
         if next == Next::Close {
             break;
         }
@@ -161,6 +169,37 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     }
 }
 
+/// The one timer of a caller's connection, for both of its head deadlines (`--caller-timeout`
+/// for a request head, `--head-timeout` for an answer's). A tokio timeout per wait cost a
+/// timer-wheel registration and removal per request, as `head_timer` found for hyper's server:
+/// this sleep stays armed no later than the deadline waited for, and is moved only when it fires
+/// early (about once per timeout under keep-alive load) or a nearer deadline comes.
+struct Deadline {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    fn new() -> Self {
+        Deadline {
+            sleep: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
+        }
+    }
+
+    /// Resolves at `deadline`.
+    async fn wait(&mut self, deadline: tokio::time::Instant) {
+        if self.sleep.deadline() > deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        loop {
+            self.sleep.as_mut().await;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
 /// A caller's connection and the agent connection carrying its requests.
 struct Caller {
     rd: OwnedReadHalf,
@@ -172,6 +211,7 @@ struct Caller {
     carried: Option<Carried>,
     /// The minor HTTP version of the request being served, for answers of our own.
     version: u8,
+    timer: Deadline,
 }
 
 impl Caller {
@@ -182,6 +222,7 @@ impl Caller {
         mut shutdown: Pin<&mut F>,
     ) -> Option<http1::Request> {
         let timeout = self.node.cfg.caller_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match http1::parse_request(&self.buf) {
                 Ok(Some(r)) => return Some(r),
@@ -205,22 +246,21 @@ impl Caller {
             if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(4096);
             }
-            let read = tokio::time::timeout(timeout, self.rd.read_buf(&mut self.buf));
             let res = tokio::select! {
                 biased;
                 () = shutdown.as_mut(), if idle => return None,
-                r = read => r,
-            };
-            match res {
-                Ok(Ok(0)) => return None,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = ?self.peer, error = %e, "caller connection ended with an error");
+                r = self.rd.read_buf(&mut self.buf) => r,
+                // A slow head and an idle keep-alive connection look the same; the latter is routine.
+                () = self.timer.wait(deadline) => {
+                    tracing::debug!(peer = ?self.peer, "caller sent no request head within {timeout:?}: closed");
                     return None;
                 }
-                // A slow head and an idle keep-alive connection look the same; the latter is routine.
-                Err(_) => {
-                    tracing::debug!(peer = ?self.peer, "caller sent no request head within {timeout:?}: closed");
+            };
+            match res {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(peer = ?self.peer, error = %e, "caller connection ended with an error");
                     return None;
                 }
             }
@@ -432,7 +472,8 @@ impl Caller {
                 }
             }
         };
-        let recv = down.receive(&mut self.wr, method, self.node.cfg.head_timeout, wrote);
+        let deadline = tokio::time::Instant::now() + self.node.cfg.head_timeout;
+        let recv = down.receive(&mut self.wr, method, (&mut self.timer, deadline), wrote);
         tokio::pin!(send, recv);
         let answer = tokio::select! {
             r = &mut send => r.and(Err((ErrorCode::Internal, "request ended early".into()))),
@@ -824,21 +865,25 @@ impl Downward<'_> {
         mut self,
         wr: &mut OwnedWriteHalf,
         method: &Method,
-        head_timeout: std::time::Duration,
+        (timer, deadline): (&mut Deadline, tokio::time::Instant),
         wrote: &mut bool,
     ) -> Result<Answer, Failure> {
         let bad = |e: crate::Error| (ErrorCode::ServiceUnavailable, e.to_string());
-        let deadline = tokio::time::Instant::now() + head_timeout;
         loop {
             let res = loop {
                 if let Some(r) = http1::parse_response(self.pending, method).map_err(bad)? {
                     break r;
                 }
-                match tokio::time::timeout_at(deadline, self.next(false)).await {
-                    Ok(Ok(Some(b))) => self.pending.extend_from_slice(&b),
-                    Ok(Ok(None)) => unreachable!("`next(false)` fails at the service's end"),
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => return Err((ErrorCode::Timeout, "the agent did not answer in time".into())),
+                let next = tokio::select! {
+                    n = self.next(false) => n?,
+                    () = timer.wait(deadline) => {
+                        return Err((ErrorCode::Timeout, "the agent did not answer in time".into()))
+                    }
+                };
+                match next {
+                    Some(b) => self.pending.extend_from_slice(&b),
+                    // (`next(false)` reports the service's end as a failure itself.)
+                    None => return Err((ErrorCode::ServiceUnavailable, UNANSWERED.into())),
                 }
             };
             let mut body = BodyCursor::new(res.body);
@@ -884,5 +929,45 @@ impl Downward<'_> {
                 switched: false,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::Deadline;
+
+    /// Each wait ends exactly at its own deadline: a later one after an earlier one (the sleep
+    /// fires early and is moved), and a nearer one after a later one (moved at once).
+    #[tokio::test(start_paused = true)]
+    async fn each_wait_ends_at_its_own_deadline() {
+        let mut timer = Deadline::new();
+        let t0 = Instant::now();
+        for (after, wait) in [(5, 5), (30, 30), (5, 5), (1, 1)] {
+            let start = Instant::now();
+            timer.wait(start + Duration::from_secs(after)).await;
+            assert_eq!(Instant::now() - start, Duration::from_secs(wait), "after {after} s");
+        }
+        assert_eq!(Instant::now() - t0, Duration::from_secs(41));
+        // A wait given up (the read won) leaves the timer usable for a later, longer one.
+        let start = Instant::now();
+        let cut = tokio::time::timeout(Duration::from_secs(2), timer.wait(start + Duration::from_secs(5))).await;
+        assert!(cut.is_err());
+        let start = Instant::now();
+        timer.wait(start + Duration::from_secs(10)).await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(10));
+        // A nearer deadline after a longer wait was given up moves the sleep nearer.
+        let cut = tokio::time::timeout(
+            Duration::from_secs(1),
+            timer.wait(Instant::now() + Duration::from_secs(30)),
+        )
+        .await;
+        assert!(cut.is_err());
+        let start = Instant::now();
+        timer.wait(start + Duration::from_secs(5)).await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(5));
     }
 }
