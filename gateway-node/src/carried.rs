@@ -423,32 +423,7 @@ impl Caller {
         let Some(c) = self.carried.as_mut() else {
             return (Err((ErrorCode::Internal, "no stream".into())), false);
         };
-        let Carried {
-            link,
-            id,
-            credit,
-            rx,
-            pending,
-            credit_back,
-            ended,
-            finished,
-            max_data,
-            ..
-        } = c;
-        let up = Upward {
-            link,
-            id: *id,
-            credit,
-            max_data: *max_data,
-            node: &self.node,
-        };
-        let down = Downward {
-            rx,
-            pending,
-            credit_back,
-            ended,
-            finished,
-        };
+        let (up, down) = c.halves(&self.node);
         let (rd, buf) = (&mut self.rd, &mut self.buf);
         let sent = std::cell::Cell::new(false);
         // Once the request is out, the caller's side is watched: a caller that hangs up before
@@ -486,25 +461,14 @@ impl Caller {
     /// After `101 Switching Protocols`: bytes both ways until each side is done.
     async fn relay_upgraded(&mut self) {
         let Some(c) = self.carried.as_mut() else { return };
-        let Carried {
-            link,
-            id,
-            credit,
+        let (up, down) = c.halves(&self.node);
+        let Downward {
             rx,
             pending,
             credit_back,
             ended,
             finished,
-            max_data,
-            ..
-        } = c;
-        let up = Upward {
-            link,
-            id: *id,
-            credit,
-            max_data: *max_data,
-            node: &self.node,
-        };
+        } = down;
         let (rd, buf, wr) = (&mut self.rd, &mut self.buf, &mut self.wr);
         let to_agent = async {
             if !buf.is_empty() {
@@ -707,6 +671,25 @@ impl Carried {
                 self.mark_finished();
             }
         });
+    }
+
+    /// Its two directions, to run side by side.
+    fn halves<'a>(&'a mut self, node: &'a NodeState) -> (Upward<'a>, Downward<'a>) {
+        let up = Upward {
+            link: &self.link,
+            id: self.id,
+            credit: &self.credit,
+            max_data: self.max_data,
+            node,
+        };
+        let down = Downward {
+            rx: &mut self.rx,
+            pending: &mut self.pending,
+            credit_back: &mut self.credit_back,
+            ended: &mut self.ended,
+            finished: &mut self.finished,
+        };
+        (up, down)
     }
 
     /// Takes in what the agent said while the connection sat between exchanges: the service's

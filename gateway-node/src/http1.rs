@@ -192,9 +192,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, Error> {
 }
 
 /// Headers that describe one connection, not the message; a proxy never forwards them (RFC 9110
-/// §7.6.1), nor any the `Connection` header names. `transfer-encoding` is not among them here:
-/// the body goes on exactly as the caller framed it.
-const HOP_BY_HOP: &[&str] = &[
+/// §7.6.1), nor any the `Connection` header names. `transfer-encoding` is one too, but not here:
+/// a carried body goes on exactly as the caller framed it (the request relay re-frames it, and
+/// adds it: `ingress::is_hop_by_hop`).
+pub const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-authenticate",

@@ -106,23 +106,11 @@ pub async fn serve_io<I>(
     }
 }
 
-/// Headers that describe one connection, not the message; a proxy never forwards them
-/// (RFC 9110 §7.6.1), nor any header the `Connection` header names.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// True when a header must not cross a proxy hop, given the message's `Connection` tokens.
 pub fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
-    HOP_BY_HOP.contains(&name) || connection_tokens.iter().any(|t| t == name)
+    crate::http1::HOP_BY_HOP.contains(&name)
+        || name == "transfer-encoding"
+        || connection_tokens.iter().any(|t| t == name)
 }
 
 fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
