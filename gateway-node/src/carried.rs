@@ -356,10 +356,16 @@ impl Caller {
             let mut body = BodyCursor::new(req.body);
             let (answer, sent) = self.carry(&req.method, &head, &mut body, &mut wrote).await;
             match answer {
-                Err((_, why)) if why == UNANSWERED && reused && req.body == BodyLength::Empty && !wrote => {
+                Err((_, why))
+                    if why == UNANSWERED
+                        && reused
+                        && req.body == BodyLength::Empty
+                        && req.method.is_idempotent()
+                        && !wrote =>
+                {
                     // The service closed this idle connection as the request went out (its
                     // keep-alive ran out): nothing was answered, so the request goes once more,
-                    // on a new connection, as a client's connection pool would send it.
+                    // on a new connection, as a client's pool retries an idempotent request.
                     tracing::debug!("service closed a kept-alive connection unanswered: request sent again");
                     if let Some(c) = self.carried.take() {
                         c.finish();

@@ -268,11 +268,14 @@ pub fn rewrite_request(head: &[u8], parsed: &Request, to: &Rewrite<'_>, out: &mu
         if lower("upgrade") {
             upgrade_to = Some(h.value);
         }
+        // The body's framing goes on whatever `Connection` names: dropping it would have the
+        // service read the body as the next request.
+        let framing = lower("content-length") || lower("transfer-encoding");
         if lower("host")
             || lower("x-forwarded-proto")
             || lower("x-forwarded-host")
             || HOP_BY_HOP.iter().any(|n| lower(n))
-            || connection.iter().any(|t| lower(t))
+            || (!framing && connection.iter().any(|t| lower(t)))
         {
             continue;
         }
@@ -590,6 +593,28 @@ mod tests {
             "GET /ws HTTP/1.1\r\nhost: svc\r\nsec-websocket-key: k\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: a\r\n\r\n"
         );
+    }
+
+    /// A `Connection` header cannot take the body's framing away from the service.
+    #[test]
+    fn connection_cannot_name_the_framing_away() {
+        let to = Rewrite {
+            authority: "svc",
+            path_prefix: "",
+            peer: None,
+        };
+        for (framing, header) in [
+            (BodyLength::Chunked, "transfer-encoding: chunked"),
+            (BodyLength::Length(4), "content-length: 4"),
+        ] {
+            let head = format!(
+                "POST / HTTP/1.1\r\nhost: a\r\nconnection: transfer-encoding, content-length\r\n{header}\r\n\r\n"
+            );
+            let parsed = req(&head).unwrap().unwrap();
+            let mut out = BytesMut::new();
+            rewrite_request(head.as_bytes(), &parsed, &to, &mut out).unwrap();
+            assert_eq!(parse_request(&out).unwrap().unwrap().body, framing);
+        }
     }
 
     #[test]
