@@ -242,6 +242,56 @@ async fn one_request_connections_share_the_agents_service_connections() {
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
+/// A service that answers before it read the whole request (a 413 for an upload it will not
+/// take) and keeps its connection: the caller gets the answer at once, and since the rest of its
+/// body could not be told from a next request, its connection then closes instead of waiting
+/// for bytes nobody reads.
+#[actix_rt::test]
+async fn an_answer_before_the_whole_body_ends_the_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = sock
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig")
+                    .await;
+                // Reads on, as a server draining before its close would.
+                while let Ok(n) = sock.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let node = carried_node().await;
+    let _agent = node.connect_agent("alpha", &format!("http://{addr}")).await;
+    let mut s = TcpStream::connect(node.http_addr).await.unwrap();
+    let host = format!("alpha.localhost:{}", node.http_addr.port());
+    let head = format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 104857600\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&[b'x'; 64 << 10]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("the connection closes after the early answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nbig"), "{answer}");
+    let m = node.metrics().await;
+    assert_eq!(metric_value(&m, "strait_requests_total{outcome=\"ok\"}"), 1);
+}
+
 /// A caller that hangs up while its answer is awaited ends the carried connection at once: the
 /// request is counted as `caller_gone`, long before the slow service would have answered.
 #[actix_rt::test]
