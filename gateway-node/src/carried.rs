@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
 
 use crate::cluster::{self, Target};
+use crate::head_timer::LazySleep;
 use crate::http1::{self, BodyCursor, BodyLength, Rewrite};
 use crate::inflight::{CreditReturner, RequestCtl};
 use crate::ingress::{self, route_host};
@@ -63,7 +64,10 @@ pub async fn serve(io: tokio::net::TcpStream, node: Arc<NodeState>, closing: act
         node,
         carried: None,
         version: 1,
-        timer: Deadline::new(),
+        // One timer for both of the connection's head deadlines (`--caller-timeout` for a
+        // request head, `--head-timeout` for an answer's): a tokio timeout per wait cost a
+        // timer-wheel registration and removal per request.
+        timer: LazySleep::new(tokio::time::Instant::now()),
     };
     let hand_over = closing.clone();
     let ok = caller.node.metrics.requests.with_label_values(&["ok"]);
@@ -169,37 +173,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     }
 }
 
-/// The one timer of a caller's connection, for both of its head deadlines (`--caller-timeout`
-/// for a request head, `--head-timeout` for an answer's). A tokio timeout per wait cost a
-/// timer-wheel registration and removal per request, as `head_timer` found for hyper's server:
-/// this sleep stays armed no later than the deadline waited for, and is moved only when it fires
-/// early (about once per timeout under keep-alive load) or a nearer deadline comes.
-struct Deadline {
-    sleep: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Deadline {
-    fn new() -> Self {
-        Deadline {
-            sleep: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
-        }
-    }
-
-    /// Resolves at `deadline`.
-    async fn wait(&mut self, deadline: tokio::time::Instant) {
-        if self.sleep.deadline() > deadline {
-            self.sleep.as_mut().reset(deadline);
-        }
-        loop {
-            self.sleep.as_mut().await;
-            if tokio::time::Instant::now() >= deadline {
-                return;
-            }
-            self.sleep.as_mut().reset(deadline);
-        }
-    }
-}
-
 /// A caller's connection and the agent connection carrying its requests.
 struct Caller {
     rd: OwnedReadHalf,
@@ -211,7 +184,7 @@ struct Caller {
     carried: Option<Carried>,
     /// The minor HTTP version of the request being served, for answers of our own.
     version: u8,
-    timer: Deadline,
+    timer: LazySleep,
 }
 
 impl Caller {
@@ -854,7 +827,7 @@ impl Downward<'_> {
         mut self,
         wr: &mut OwnedWriteHalf,
         method: &Method,
-        (timer, deadline): (&mut Deadline, tokio::time::Instant),
+        (timer, deadline): (&mut LazySleep, tokio::time::Instant),
         wrote: &mut bool,
     ) -> Result<Answer, Failure> {
         let bad = |e: crate::Error| (ErrorCode::ServiceUnavailable, e.to_string());
@@ -918,45 +891,5 @@ impl Downward<'_> {
                 switched: false,
             });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use tokio::time::Instant;
-
-    use super::Deadline;
-
-    /// Each wait ends exactly at its own deadline: a later one after an earlier one (the sleep
-    /// fires early and is moved), and a nearer one after a later one (moved at once).
-    #[tokio::test(start_paused = true)]
-    async fn each_wait_ends_at_its_own_deadline() {
-        let mut timer = Deadline::new();
-        let t0 = Instant::now();
-        for (after, wait) in [(5, 5), (30, 30), (5, 5), (1, 1)] {
-            let start = Instant::now();
-            timer.wait(start + Duration::from_secs(after)).await;
-            assert_eq!(Instant::now() - start, Duration::from_secs(wait), "after {after} s");
-        }
-        assert_eq!(Instant::now() - t0, Duration::from_secs(41));
-        // A wait given up (the read won) leaves the timer usable for a later, longer one.
-        let start = Instant::now();
-        let cut = tokio::time::timeout(Duration::from_secs(2), timer.wait(start + Duration::from_secs(5))).await;
-        assert!(cut.is_err());
-        let start = Instant::now();
-        timer.wait(start + Duration::from_secs(10)).await;
-        assert_eq!(Instant::now() - start, Duration::from_secs(10));
-        // A nearer deadline after a longer wait was given up moves the sleep nearer.
-        let cut = tokio::time::timeout(
-            Duration::from_secs(1),
-            timer.wait(Instant::now() + Duration::from_secs(30)),
-        )
-        .await;
-        assert!(cut.is_err());
-        let start = Instant::now();
-        timer.wait(start + Duration::from_secs(5)).await;
-        assert_eq!(Instant::now() - start, Duration::from_secs(5));
     }
 }

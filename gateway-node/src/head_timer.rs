@@ -1,4 +1,5 @@
-//! The timer behind the ingress's `--caller-timeout`, for hyper's HTTP/1 server.
+//! The timer behind the ingress's `--caller-timeout`, for hyper's HTTP/1 server (and, as
+//! [`LazySleep`], behind the carried relay's head deadlines).
 //!
 //! hyper makes a fresh sleep for every request head it waits for, and drops it once the head
 //! is in. With `hyper_util`'s `TokioTimer` that puts each request through tokio's timer wheel
@@ -20,11 +21,48 @@ use std::time::{Duration, Instant};
 use hyper::rt::{Sleep, Timer};
 use parking_lot::Mutex;
 
+/// One tokio sleep that waits for successive deadlines of one connection, moved only when it
+/// fires early (the deadline waited for is later than the one it was armed for) or a nearer
+/// deadline comes. Shared by [`HeadTimer`] and the carried relay's head deadlines.
+pub struct LazySleep {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl LazySleep {
+    /// A sleep first armed for `deadline`.
+    pub fn new(deadline: tokio::time::Instant) -> Self {
+        LazySleep {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+
+    /// Ready once `deadline` has passed.
+    pub fn poll_until(&mut self, deadline: tokio::time::Instant, cx: &mut Context<'_>) -> Poll<()> {
+        // Armed for later than this deadline (a shorter timeout than before): too late.
+        if self.sleep.deadline() > deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        loop {
+            match self.sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if tokio::time::Instant::now() >= deadline => return Poll::Ready(()),
+                // It fired for an earlier deadline: wait on for this one.
+                Poll::Ready(()) => self.sleep.as_mut().reset(deadline),
+            }
+        }
+    }
+
+    /// Resolves once `deadline` has passed.
+    pub async fn wait(&mut self, deadline: tokio::time::Instant) {
+        std::future::poll_fn(|cx| self.poll_until(deadline, cx)).await
+    }
+}
+
 /// One caller connection's header-read timer. hyper's HTTP/1 server waits for one head at a
-/// time, so all its sleeps share one tokio sleep (and one waker).
+/// time, so all its sleeps share one [`LazySleep`] (and one waker).
 #[derive(Clone, Default)]
 pub struct HeadTimer {
-    armed: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+    armed: Arc<Mutex<Option<LazySleep>>>,
 }
 
 impl HeadTimer {
@@ -62,7 +100,7 @@ impl Timer for HeadTimer {
 /// What hyper holds while it waits for one head: a deadline, and the connection's shared sleep.
 struct HeadDeadline {
     deadline: Instant,
-    armed: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+    armed: Arc<Mutex<Option<LazySleep>>>,
 }
 
 impl Sleep for HeadDeadline {}
@@ -73,19 +111,9 @@ impl Future for HeadDeadline {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let mut armed = self.armed.lock();
-        let sleep = armed.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        // Armed for later than this head's deadline (a shorter timeout than before): too late.
-        if sleep.deadline() > deadline {
-            sleep.as_mut().reset(deadline);
-        }
-        loop {
-            match sleep.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) if tokio::time::Instant::now() >= deadline => return Poll::Ready(()),
-                // It fired for an earlier head's deadline: wait on for this one.
-                Poll::Ready(()) => sleep.as_mut().reset(deadline),
-            }
-        }
+        armed
+            .get_or_insert_with(|| LazySleep::new(deadline))
+            .poll_until(deadline, cx)
     }
 }
 
@@ -148,5 +176,40 @@ mod tests {
         let later = timer.now() + T;
         timer.reset(&mut s, later);
         assert_fires_in(&mut s, T).await;
+    }
+
+    /// Each wait ends exactly at its own deadline: a later one after an earlier one (the sleep
+    /// fires early and is moved), and a nearer one after a later one (moved at once).
+    #[tokio::test(start_paused = true)]
+    async fn each_wait_ends_at_its_own_deadline() {
+        let mut timer = LazySleep::new(tokio::time::Instant::now());
+        let t0 = tokio::time::Instant::now();
+        for (after, wait) in [(5, 5), (30, 30), (5, 5), (1, 1)] {
+            let start = tokio::time::Instant::now();
+            timer.wait(start + Duration::from_secs(after)).await;
+            assert_eq!(
+                tokio::time::Instant::now() - start,
+                Duration::from_secs(wait),
+                "after {after} s"
+            );
+        }
+        assert_eq!(tokio::time::Instant::now() - t0, Duration::from_secs(41));
+        // A wait given up (the read won) leaves the timer usable for a later, longer one.
+        let start = tokio::time::Instant::now();
+        let cut = tokio::time::timeout(Duration::from_secs(2), timer.wait(start + Duration::from_secs(5))).await;
+        assert!(cut.is_err());
+        let start = tokio::time::Instant::now();
+        timer.wait(start + Duration::from_secs(10)).await;
+        assert_eq!(tokio::time::Instant::now() - start, Duration::from_secs(10));
+        // A nearer deadline after a longer wait was given up moves the sleep nearer.
+        let cut = tokio::time::timeout(
+            Duration::from_secs(1),
+            timer.wait(tokio::time::Instant::now() + Duration::from_secs(30)),
+        )
+        .await;
+        assert!(cut.is_err());
+        let start = tokio::time::Instant::now();
+        timer.wait(start + Duration::from_secs(5)).await;
+        assert_eq!(tokio::time::Instant::now() - start, Duration::from_secs(5));
     }
 }
