@@ -292,6 +292,42 @@ async fn an_answer_before_the_whole_body_ends_the_connection() {
     assert_eq!(metric_value(&m, "strait_requests_total{outcome=\"ok\"}"), 1);
 }
 
+/// A service whose answer is not HTTP: the caller gets 502 `SERVICE_UNAVAILABLE` saying so,
+/// never the service's bytes, and the node serves on.
+#[actix_rt::test]
+async fn an_answer_that_is_not_http_is_a_502() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut chunk = [0u8; 1024];
+                let _ = sock.read(&mut chunk).await;
+                let _ = sock.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+                let _ = sock.read(&mut chunk).await;
+            });
+        }
+    });
+    let node = carried_node().await;
+    let _agent = node.connect_agent("alpha", &format!("http://{addr}")).await;
+    let res = node
+        .client(&["alpha"])
+        .get(node.url("alpha", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(res.headers()["x-strait-error"], "SERVICE_UNAVAILABLE");
+    let body = res.text().await.unwrap();
+    assert!(body.contains("malformed response head"), "{body}");
+    assert!(!body.contains("SSH"), "{body}");
+    let m = node.metrics().await;
+    assert_eq!(
+        metric_value(&m, "strait_requests_total{outcome=\"SERVICE_UNAVAILABLE\"}"),
+        1
+    );
+}
+
 /// A caller that hangs up while its answer is awaited ends the carried connection at once: the
 /// request is counted as `caller_gone`, long before the slow service would have answered.
 #[actix_rt::test]

@@ -7,7 +7,7 @@ use futures_util::{SinkExt, StreamExt};
 use strait_agent::{AgentConfig, AgentHandle, AgentStatus};
 use strait_schema::{
     credentials, decode, encode, AgentName, AgentToken, Data, ErrorCode, Frame, Hello, Limits, RefuseCode,
-    ResponseHead, Secret, StreamId, CAP_INLINE_END, PROTOCOL_VERSION,
+    ResponseHead, Secret, StreamId, CAP_INLINE_END, CAP_RAW_HTTP, PROTOCOL_VERSION,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -465,5 +465,83 @@ async fn an_agent_without_raw_http_is_served_request_by_request() {
         let res = req.await.unwrap().unwrap();
         assert_eq!(res.status(), 200);
         assert_eq!(res.bytes().await.unwrap().as_ref(), &[b'0' + i]);
+    }
+}
+
+/// The same across nodes: the agent's node refuses the carried open for the agent (which lacks
+/// `raw-http`) over the bus, and the caller's node then serves that connection request by request.
+#[actix_rt::test]
+async fn an_agent_without_raw_http_on_another_node_is_served_request_by_request() {
+    let b = SharedBackends::in_process();
+    let carried = |c: &mut strait_gateway::config::NodeConfig| {
+        c.http_relay = strait_gateway::config::HttpRelay::Connection;
+        // Heartbeats far apart: this hand-driven agent answers none.
+        c.heartbeat = Duration::from_secs(5);
+    };
+    let a = TestNode::on_backends(&b, "node-a", carried).await;
+    let node_b = TestNode::on_backends(&b, "node-b", carried).await;
+    let mut ws = raw_agent(&node_b, "older").await;
+    let name = AgentName::new("older").unwrap();
+    let st = a.state.clone();
+    eventually(Duration::from_secs(5), "presence visible to node-a", || {
+        let (st, name) = (st.clone(), name.clone());
+        async move { st.directory.presence(&name).await.unwrap().is_some() }
+    })
+    .await;
+    let req = tokio::spawn(a.client(&["older"]).get(a.url("older", "/far")).send());
+    let head = match next_frame(&mut ws).await {
+        Some(Frame::RequestHead(h)) => h,
+        other => panic!("expected a RequestHead, got {other:?}"),
+    };
+    assert_eq!(head.uri, "/far");
+    let whole = Frame::ResponseHead(ResponseHead {
+        stream: head.stream,
+        status: 200,
+        headers: vec![],
+        end: true,
+        body: b"far".to_vec().into(),
+    });
+    ws.send(Message::Binary(encode(&whole).into())).await.unwrap();
+    let res = req.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.bytes().await.unwrap().as_ref(), b"far");
+}
+
+/// An agent that takes carried connections but opens one without naming its service's host
+/// (the gateway could not write a single request head): the caller gets 502 `PROTOCOL_ERROR`,
+/// and the agent is told the stream is over.
+#[actix_rt::test]
+async fn a_carried_connection_opened_without_a_host_is_refused() {
+    let node = TestNode::with(|c| {
+        c.http_relay = strait_gateway::config::HttpRelay::Connection;
+        c.heartbeat = Duration::from_secs(5);
+    })
+    .await;
+    let token = node.add_agent("nohost").await;
+    let mut ws = dial(&node).await;
+    let mut h = hello(&token, strait_gateway::store::now_ms());
+    h.capabilities = vec![CAP_RAW_HTTP.to_owned()];
+    h.signature = credentials::sign(&token.secret, &h);
+    assert!(matches!(handshake(&mut ws, h).await, Frame::Welcome(_)));
+    let req = tokio::spawn(node.client(&["nohost"]).get(node.url("nohost", "/x")).send());
+    let open = match next_frame(&mut ws).await {
+        Some(Frame::StreamOpen(o)) => o,
+        other => panic!("expected a StreamOpen, got {other:?}"),
+    };
+    assert!(open.http && open.service.is_empty(), "{open:?}");
+    let nameless = Frame::ResponseHead(ResponseHead {
+        stream: open.stream,
+        status: 200,
+        headers: vec![],
+        end: false,
+        body: Default::default(),
+    });
+    ws.send(Message::Binary(encode(&nameless).into())).await.unwrap();
+    let res = req.await.unwrap().unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(res.headers()["x-strait-error"], "PROTOCOL_ERROR");
+    match next_frame(&mut ws).await {
+        Some(Frame::Reset(r)) => assert_eq!(r.stream, open.stream),
+        other => panic!("expected the stream's Reset, got {other:?}"),
     }
 }
