@@ -266,10 +266,10 @@ impl Caller {
     /// the connection.
     async fn exchange(&mut self, req: http1::Request) -> (&'static str, Next) {
         self.version = req.version;
-        let Some(host) = req.host.clone() else {
+        let Some(host) = req.host.as_deref() else {
             return self.refuse(ErrorCode::BadRequest, "the request names no host").await;
         };
-        let Some((agent, service)) = route_host(&host, &self.node.cfg.domain) else {
+        let Some((agent, service)) = route_host(host, &self.node.cfg.domain) else {
             let why = format!(
                 "host {host:?} is not served here (expected <agent>.{})",
                 self.node.cfg.domain
