@@ -147,12 +147,7 @@ async fn a_request_that_meets_a_closed_service_connection_is_sent_on_a_new_one()
             }
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3, "one service connection per request");
-        let m = node.metrics().await;
-        assert_eq!(
-            metric_value(&m, "strait_requests_total{outcome=\"ok\"}"),
-            3,
-            "{close:?}"
-        );
+        node.metric_reaches("strait_requests_total{outcome=\"ok\"}", 3).await;
     }
 }
 
@@ -288,8 +283,7 @@ async fn an_answer_before_the_whole_body_ends_the_connection() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.ends_with("\r\n\r\nbig"), "{answer}");
-    let m = node.metrics().await;
-    assert_eq!(metric_value(&m, "strait_requests_total{outcome=\"ok\"}"), 1);
+    node.metric_reaches("strait_requests_total{outcome=\"ok\"}", 1).await;
 }
 
 /// A service whose answer is not HTTP: the caller gets 502 `SERVICE_UNAVAILABLE` saying so,
@@ -321,11 +315,8 @@ async fn an_answer_that_is_not_http_is_a_502() {
     let body = res.text().await.unwrap();
     assert!(body.contains("malformed response head"), "{body}");
     assert!(!body.contains("SSH"), "{body}");
-    let m = node.metrics().await;
-    assert_eq!(
-        metric_value(&m, "strait_requests_total{outcome=\"SERVICE_UNAVAILABLE\"}"),
-        1
-    );
+    node.metric_reaches("strait_requests_total{outcome=\"SERVICE_UNAVAILABLE\"}", 1)
+        .await;
 }
 
 /// A caller that hangs up while its answer is awaited ends the carried connection at once: the
@@ -342,10 +333,8 @@ async fn a_caller_that_hangs_up_before_its_answer_ends_the_stream() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(s);
-    eventually(Duration::from_secs(3), "the request counted as caller_gone", || async {
-        metric_value(&node.metrics().await, "strait_requests_total{outcome=\"caller_gone\"}") == 1
-    })
-    .await;
+    node.metric_reaches("strait_requests_total{outcome=\"caller_gone\"}", 1)
+        .await;
     eventually(Duration::from_secs(3), "the stream left the agent's table", || async {
         node.state
             .sessions

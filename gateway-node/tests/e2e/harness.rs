@@ -383,6 +383,20 @@ impl TestNode {
             .unwrap()
     }
 
+    /// Waits for `series` to read `want`: a request is counted once its answer is written, so
+    /// the caller may hold the whole answer a moment before the count moves.
+    pub async fn metric_reaches(&self, series: &str, want: u64) {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = crate::http::metric_value(&self.metrics().await, series);
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < end, "{series} stayed at {got}, expected {want}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());

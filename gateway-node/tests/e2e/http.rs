@@ -458,9 +458,7 @@ async fn slow_idle_oversized_or_malformed_callers_are_closed_beside_a_served_one
     );
     assert!(oversized.0.starts_with("HTTP/1.1 431 "), "{}", oversized.0);
     assert!(malformed.0.starts_with("HTTP/1.1 400 "), "{}", malformed.0);
-    eventually(Duration::from_secs(5), "both refusals counted", || async {
-        metric_value(&node.metrics().await, "strait_requests_total{outcome=\"BAD_REQUEST\"}") == 2
-    })
-    .await;
+    node.metric_reaches("strait_requests_total{outcome=\"BAD_REQUEST\"}", 2)
+        .await;
     assert_eq!(served, 200);
 }

@@ -394,10 +394,8 @@ async fn a_caller_that_hangs_up_before_the_head_resets_its_stream() {
         }
         other => panic!("expected Reset, got {other:?}"),
     }
-    eventually(Duration::from_secs(5), "the request counted as caller_gone", || async {
-        crate::http::metric_value(&node.metrics().await, "strait_requests_total{outcome=\"caller_gone\"}") == 1
-    })
-    .await;
+    node.metric_reaches("strait_requests_total{outcome=\"caller_gone\"}", 1)
+        .await;
     let late = ResponseHead {
         stream: id,
         status: 200,

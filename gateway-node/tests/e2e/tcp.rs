@@ -489,10 +489,7 @@ async fn a_declined_upgrade_is_an_ordinary_answer_and_the_connection_serves_on()
         .expect("the next request is answered and the connection closed")
         .unwrap();
     assert!(next.starts_with("HTTP/1.1 200 "), "{next}");
-    eventually(Duration::from_secs(5), "both requests ended", || async {
-        metric_value(&node.metrics().await, "strait_requests_total{outcome=\"ok\"}") == 2
-    })
-    .await;
+    node.metric_reaches("strait_requests_total{outcome=\"ok\"}", 2).await;
 }
 
 /// Reads an HTTP head off `s` byte by byte, so nothing after it is consumed.
