@@ -27,6 +27,7 @@ struct Frame {
     fin @10 :Fin;
     reset @11 :Reset;
     goAway @12 :GoAway;
+    drain @13 :Drain;
   }
 }
 
@@ -133,6 +134,13 @@ struct Reset {
 
 struct GoAway {
   reason @0 :Text;
+}
+
+# Agent -> node, on a carried HTTP connection (`StreamOpen` with `http`): the agent is shutting
+# down, so the node sends no further request on this stream and ends it (`Fin`) once the exchange
+# in flight is answered. Only to nodes whose Welcome lists "drain".
+struct Drain {
+  stream @0 :UInt64;
 }
 
 struct BusEnvelope {

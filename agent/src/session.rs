@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::header::{HeaderValue, USER_AGENT};
 use strait_schema::ws::Message;
 use strait_schema::{
-    credentials, decode, decode_bytes, encode, DecodeError, ErrorCode, Frame, Hello, Limits, Ping, Pong, RequestHead,
-    ServiceKind, StreamId, StreamOpen, Welcome, CAP_INLINE_END, CAP_RAW_HTTP, PROTOCOL_VERSION,
+    credentials, decode, decode_bytes, encode, DecodeError, Drain, ErrorCode, Frame, Hello, Limits, Ping, Pong,
+    RequestHead, ServiceKind, StreamId, StreamOpen, Welcome, CAP_DRAIN, CAP_INLINE_END, CAP_RAW_HTTP, PROTOCOL_VERSION,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -193,6 +193,9 @@ struct ConnLimits {
     heartbeat: Duration,
     /// The node takes a small response as one frame (`Welcome` lists [`CAP_INLINE_END`]).
     inline_end: bool,
+    /// The node ends carried connections between requests when asked (`Welcome` lists
+    /// [`CAP_DRAIN`]).
+    drain: bool,
 }
 
 impl ConnLimits {
@@ -217,6 +220,7 @@ impl ConnLimits {
             },
             heartbeat: Duration::from_millis(u64::from(w.heartbeat_ms).clamp(100, 600_000)),
             inline_end: w.capabilities.iter().any(|c| c == CAP_INLINE_END),
+            drain: w.capabilities.iter().any(|c| c == CAP_DRAIN),
         }
     }
 }
@@ -228,6 +232,8 @@ struct StreamEntry {
     budget: Arc<AtomicI64>,
     credit: SendCredit,
     task: AbortHandle,
+    /// A caller's HTTP connection carried as bytes: drained between requests on shutdown.
+    carried: bool,
 }
 
 enum Step {
@@ -345,6 +351,7 @@ pub(crate) async fn serve(
             Some(done) = sess.tasks.join_next_with_id(), if !sess.tasks.is_empty() => sess.task_done(done),
             _ = wait_for_stop(&mut stop), if !sess.stopping => {
                 sess.stopping = true;
+                sess.drain_carried();
                 deadline.get_or_insert_with(|| Instant::now() + drain_timeout);
             }
             Ok(()) = welcomed.changed(), if away_since.is_some() && replaced_at.is_none() => {
@@ -521,12 +528,24 @@ impl Session {
             },
             Frame::GoAway(g) => return Step::GoAway(g.reason),
             Frame::Refused(r) => return Step::Fatal(format!("refused by gateway: {} {}", r.code, r.message)),
-            other @ (Frame::Hello(_) | Frame::Welcome(_) | Frame::ResponseHead(_)) => {
+            other @ (Frame::Hello(_) | Frame::Welcome(_) | Frame::ResponseHead(_) | Frame::Drain(_)) => {
                 tracing::warn!(kind = other.kind(), "unexpected frame from gateway ignored");
                 self.ignored += 1;
             }
         }
         Step::Continue
+    }
+
+    /// Shutting down: asks the node to end each carried HTTP connection once its exchange in
+    /// flight is answered. Its caller's next request would otherwise keep the stream, and this
+    /// drain, going until the drain timeout cut whatever was in flight.
+    fn drain_carried(&mut self) {
+        if !self.limits.drain {
+            return;
+        }
+        for (&stream, _) in self.streams.iter().filter(|(_, e)| e.carried && e.inbound.is_some()) {
+            let _ = self.out.control(&Frame::Drain(Drain { stream }));
+        }
     }
 
     /// Aborts a stream's work and tells the gateway why.
@@ -583,25 +602,25 @@ impl Session {
     fn open_http(&mut self, head: RequestHead) {
         let id = head.stream;
         if let Some(Upstream::Http(up)) = self.admit(id, &head.service, ServiceKind::Http) {
-            self.start(id, move |ctx| http_fwd::exchange(ctx, head, up));
+            self.start(id, false, move |ctx| http_fwd::exchange(ctx, head, up));
         }
     }
 
     fn open_http_connection(&mut self, open: StreamOpen) {
         let id = open.stream;
         if let Some(Upstream::Http(up)) = self.admit(id, &open.service, ServiceKind::Http) {
-            self.start(id, move |ctx| http_fwd::connection(ctx, up));
+            self.start(id, true, move |ctx| http_fwd::connection(ctx, up));
         }
     }
 
     fn open_tcp(&mut self, open: StreamOpen) {
         let id = open.stream;
         if let Some(Upstream::Tcp(target)) = self.admit(id, &open.service, ServiceKind::Tcp) {
-            self.start(id, move |ctx| tcp_fwd::pump(ctx, target));
+            self.start(id, false, move |ctx| tcp_fwd::pump(ctx, target));
         }
     }
 
-    fn start<F, Fut>(&mut self, id: StreamId, run: F)
+    fn start<F, Fut>(&mut self, id: StreamId, carried: bool, run: F)
     where
         F: FnOnce(StreamCtx) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -633,6 +652,7 @@ impl Session {
                 budget,
                 credit,
                 task,
+                carried,
             },
         );
     }

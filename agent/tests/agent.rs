@@ -21,7 +21,7 @@ use strait_schema::credentials;
 use strait_schema::{
     decode, encode, AgentName, AgentToken, Credit, Data, ErrorCode, Fin, Frame, GoAway, Header, Limits, Pong,
     RefuseCode, Refused, RequestHead, Secret, ServiceDecl, ServiceKind, StreamId, StreamOpen, Welcome, WireLimits,
-    CAP_INLINE_END, CAP_RAW_HTTP, PATH_PREFIX_HEADER, PROTOCOL_VERSION,
+    CAP_DRAIN, CAP_INLINE_END, CAP_RAW_HTTP, PATH_PREFIX_HEADER, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1459,6 +1459,91 @@ async fn an_http_connection_is_carried_as_bytes_on_one_local_connection() {
     assert_eq!(code, ErrorCode::ServiceUnavailable);
     assert!(reason.contains("is a TCP service"), "{reason}");
     agent.kill();
+}
+
+/// Shutting down, the agent asks a node that takes it (`Welcome` lists `drain`) to end each
+/// carried connection between requests: one `Drain` per carried stream, none for a request's
+/// stream, and none at all to a node that does not list it. The exchange in flight finishes, and
+/// the node's `Fin` lets the agent's drain end at once.
+#[tokio::test]
+async fn shutdown_asks_the_node_to_end_carried_connections_between_requests() {
+    for listed in [true, false] {
+        let (service, _) = counting_service(None).await;
+        let echo = tcp_echo().await;
+        let (agent, listener, _) = start(&[format!("http://{service}"), format!("echo=tcp://{echo}")]).await;
+        let (mut ws, _) = accept(&listener).await;
+        assert!(matches!(next(&mut ws).await, Frame::Hello(_)));
+        let mut w = welcome();
+        if let Frame::Welcome(w) = &mut w {
+            if listed {
+                w.capabilities = vec![CAP_DRAIN.into()];
+            }
+        }
+        send(&mut ws, w).await;
+        agent.connected(STEP).await.unwrap();
+
+        let carried = StreamId(1);
+        send(&mut ws, open_http(1, "")).await;
+        assert!(matches!(next(&mut ws).await, Frame::ResponseHead(h) if h.stream == carried));
+        // A TCP stream, open: not a carried connection.
+        let tcp = StreamId(2);
+        send(
+            &mut ws,
+            Frame::StreamOpen(StreamOpen {
+                stream: tcp,
+                service: "echo".into(),
+                http: false,
+            }),
+        )
+        .await;
+        let ping = Bytes::from_static(b"ping");
+        send(
+            &mut ws,
+            Frame::Data(Data {
+                stream: tcp,
+                bytes: ping,
+            }),
+        )
+        .await;
+        assert_eq!(read_stream(&mut ws, tcp, 4).await, b"ping", "the TCP stream is open");
+
+        let stopping = tokio::spawn(agent.shutdown());
+        if listed {
+            match next(&mut ws).await {
+                Frame::Drain(d) => assert_eq!(d.stream, carried),
+                other => panic!("expected Drain, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            next_within(&mut ws, Duration::from_millis(300)).await,
+            None,
+            "listed: {listed}"
+        );
+        // The carried connection still serves the exchange in flight.
+        let answer: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let get = Bytes::from_static(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
+        send(
+            &mut ws,
+            Frame::Data(Data {
+                stream: carried,
+                bytes: get,
+            }),
+        )
+        .await;
+        assert_eq!(read_stream(&mut ws, carried, answer.len()).await, answer);
+        // The node ends both; the agent's drain is then over.
+        send(&mut ws, Frame::Fin(Fin { stream: carried })).await;
+        send(&mut ws, Frame::Fin(Fin { stream: tcp })).await;
+        let mut open = vec![carried, tcp];
+        while !open.is_empty() {
+            match next(&mut ws).await {
+                Frame::Fin(f) if open.contains(&f.stream) => open.retain(|s| *s != f.stream),
+                other => panic!("expected the streams' Fin, got {other:?}"),
+            }
+        }
+        assert!(closes_with_a_close_frame(&mut ws).await);
+        tokio::time::timeout(STEP, stopping).await.unwrap().unwrap();
+    }
 }
 
 /// A service that reads a request and hangs up without answering: the stream is reset with a

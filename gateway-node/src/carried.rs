@@ -223,6 +223,17 @@ impl Caller {
                 biased;
                 () = shutdown.as_mut(), if idle => return None,
                 r = self.rd.read_buf(&mut self.buf) => r,
+                // Between exchanges the agent may drain, or the service close its side: the
+                // stream ends now, not at the next request (an agent's drain waits for it).
+                ev = between_exchanges(&mut self.carried) => {
+                    if let Some(c) = self.carried.as_mut() {
+                        c.note(ev);
+                    }
+                    if let Some(c) = self.carried.take_if(|c| c.spent()) {
+                        c.finish();
+                    }
+                    continue;
+                }
                 // A slow head and an idle keep-alive connection look the same; the latter is routine.
                 () = self.timer.wait(deadline) => {
                     tracing::debug!(peer = ?self.peer, "caller sent no request head within {timeout:?}: closed");
@@ -291,7 +302,7 @@ impl Caller {
         if self
             .carried
             .as_ref()
-            .is_some_and(|c| c.ended || c.route != route || c.agent != agent || c.service != service)
+            .is_some_and(|c| c.spent() || c.route != route || c.agent != agent || c.service != service)
         {
             if let Some(c) = self.carried.take() {
                 c.finish();
@@ -383,6 +394,10 @@ impl Caller {
             self.carried = None;
             return ("ok", Next::Close);
         }
+        // A draining agent gets its stream back now, not when the caller's next request comes.
+        if let Some(c) = self.carried.take_if(|c| c.draining) {
+            c.finish();
+        }
         match req.keep_alive && !answer.close {
             true => ("ok", Next::Again),
             false => ("ok", Next::Close),
@@ -447,6 +462,7 @@ impl Caller {
             credit_back,
             ended,
             finished,
+            ..
         } = down;
         let (rd, buf, wr) = (&mut self.rd, &mut self.buf, &mut self.wr);
         let to_agent = async {
@@ -477,6 +493,9 @@ impl Caller {
                         wr.write_all(&b).await.map_err(caller_gone)?;
                         credit_back.consumed(b.len(), rx.is_empty());
                     }
+                    // No longer HTTP: it ends when either side closes, or the agent's drain
+                    // timeout does.
+                    Some(BodyEvent::Drain) => {}
                     Some(BodyEvent::Fin) => {
                         *ended = true;
                         let _ = wr.shutdown().await;
@@ -497,6 +516,15 @@ impl Caller {
             Ok(_) => *finished = true,
             Err((code, why)) => tracing::debug!(%code, why, "upgraded connection ended"),
         }
+    }
+}
+
+/// The next event from the agent on a carried connection that can still take a request; never
+/// ready without one.
+async fn between_exchanges(carried: &mut Option<Carried>) -> Option<BodyEvent> {
+    match carried {
+        Some(c) if !c.spent() => c.rx.recv().await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -526,6 +554,8 @@ struct Carried {
     pending: BytesMut,
     /// The service's side is over (its close, or a reset): no further request can use it.
     ended: bool,
+    /// The agent is draining ([`BodyEvent::Drain`]): no further request goes on this stream.
+    draining: bool,
     /// The agent knows the stream is over.
     finished: bool,
 }
@@ -577,6 +607,7 @@ impl Carried {
             max_data: grant.limits.max_data_bytes as usize,
             pending: BytesMut::new(),
             ended: false,
+            draining: false,
             finished: false,
             service,
         };
@@ -642,6 +673,7 @@ impl Carried {
                 while !self.ended {
                     match self.rx.recv().await {
                         Some(BodyEvent::Data(b)) => self.credit_back.consumed(b.len(), true),
+                        Some(BodyEvent::Drain) => {}
                         Some(BodyEvent::Fin) | Some(BodyEvent::Reset(..)) | None => self.ended = true,
                     }
                 }
@@ -667,26 +699,41 @@ impl Carried {
             credit_back: &mut self.credit_back,
             ended: &mut self.ended,
             finished: &mut self.finished,
+            draining: &mut self.draining,
         };
         (up, down)
     }
 
     /// Takes in what the agent said while the connection sat between exchanges: the service's
-    /// close or a reset ends it, and the next request goes on a new one.
+    /// close, a reset or the agent's drain ends it, and the next request goes on a new one.
     fn note_end(&mut self) {
-        loop {
+        while !self.finished {
             match self.rx.try_recv() {
-                // Bytes nobody asked for: the next answer's head will not parse, and says so.
-                Ok(BodyEvent::Data(b)) => self.pending.extend_from_slice(&b),
-                Ok(BodyEvent::Fin) => self.ended = true,
-                Ok(BodyEvent::Reset(..)) | Err(mpsc::error::TryRecvError::Disconnected) => {
-                    self.ended = true;
-                    self.mark_finished();
-                    return;
-                }
+                Ok(ev) => self.note(Some(ev)),
+                Err(mpsc::error::TryRecvError::Disconnected) => self.note(None),
                 Err(mpsc::error::TryRecvError::Empty) => return,
             }
         }
+    }
+
+    /// Takes in one event from the agent between exchanges (`None`: the session dropped the
+    /// stream).
+    fn note(&mut self, ev: Option<BodyEvent>) {
+        match ev {
+            // Bytes nobody asked for: the next answer's head will not parse, and says so.
+            Some(BodyEvent::Data(b)) => self.pending.extend_from_slice(&b),
+            Some(BodyEvent::Fin) => self.ended = true,
+            Some(BodyEvent::Drain) => self.draining = true,
+            Some(BodyEvent::Reset(..)) | None => {
+                self.ended = true;
+                self.mark_finished();
+            }
+        }
+    }
+
+    /// No further request may go on this stream.
+    fn spent(&self) -> bool {
+        self.ended || self.draining
     }
 
     /// The agent knows the stream is over: dropping it sends nothing.
@@ -795,29 +842,37 @@ struct Downward<'a> {
     credit_back: &'a mut CreditReturner,
     ended: &'a mut bool,
     finished: &'a mut bool,
+    draining: &'a mut bool,
 }
 
 impl Downward<'_> {
     /// The next bytes from the service; a failure once its side is over.
     async fn next(&mut self, mid_answer: bool) -> Result<Option<Bytes>, Failure> {
-        match self.rx.recv().await {
-            Some(BodyEvent::Data(b)) => Ok(Some(b)),
-            Some(BodyEvent::Fin) => {
-                *self.ended = true;
-                if mid_answer {
-                    Ok(None)
-                } else {
-                    Err((ErrorCode::ServiceUnavailable, UNANSWERED.into()))
+        loop {
+            return match self.rx.recv().await {
+                Some(BodyEvent::Drain) => {
+                    // The exchange in flight is answered in full; the stream ends after it.
+                    *self.draining = true;
+                    continue;
                 }
-            }
-            Some(BodyEvent::Reset(code, why)) => {
-                (*self.ended, *self.finished) = (true, true);
-                Err((code, why))
-            }
-            None => {
-                (*self.ended, *self.finished) = (true, true);
-                Err((ErrorCode::AgentUnavailable, "agent session ended".into()))
-            }
+                Some(BodyEvent::Data(b)) => Ok(Some(b)),
+                Some(BodyEvent::Fin) => {
+                    *self.ended = true;
+                    if mid_answer {
+                        Ok(None)
+                    } else {
+                        Err((ErrorCode::ServiceUnavailable, UNANSWERED.into()))
+                    }
+                }
+                Some(BodyEvent::Reset(code, why)) => {
+                    (*self.ended, *self.finished) = (true, true);
+                    Err((code, why))
+                }
+                None => {
+                    (*self.ended, *self.finished) = (true, true);
+                    Err((ErrorCode::AgentUnavailable, "agent session ended".into()))
+                }
+            };
         }
     }
 

@@ -287,26 +287,30 @@ impl Stream for TunnelBody {
         if self.done {
             return Poll::Ready(None);
         }
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(BodyEvent::Data(b))) => {
-                let caught_up = self.rx.is_empty();
-                self.credit.consumed(b.len(), caught_up);
-                Poll::Ready(Some(Ok(b)))
-            }
-            Poll::Ready(Some(BodyEvent::Fin)) => {
-                self.end(None);
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(BodyEvent::Reset(code, why))) => {
-                self.end(Some(code.as_str()));
-                Poll::Ready(Some(Err(std::io::Error::other(format!("{code}: {why}")))))
-            }
-            Poll::Ready(None) => {
-                // The session dropped the stream: there is no one left to tell.
-                self.end(Some("aborted"));
-                Poll::Ready(Some(Err(std::io::Error::other("agent session ended"))))
-            }
-            Poll::Pending => Poll::Pending,
+        loop {
+            return match self.rx.poll_recv(cx) {
+                // Only carried connections are drained between requests; a body reads on.
+                Poll::Ready(Some(BodyEvent::Drain)) => continue,
+                Poll::Ready(Some(BodyEvent::Data(b))) => {
+                    let caught_up = self.rx.is_empty();
+                    self.credit.consumed(b.len(), caught_up);
+                    Poll::Ready(Some(Ok(b)))
+                }
+                Poll::Ready(Some(BodyEvent::Fin)) => {
+                    self.end(None);
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(BodyEvent::Reset(code, why))) => {
+                    self.end(Some(code.as_str()));
+                    Poll::Ready(Some(Err(std::io::Error::other(format!("{code}: {why}")))))
+                }
+                Poll::Ready(None) => {
+                    // The session dropped the stream: there is no one left to tell.
+                    self.end(Some("aborted"));
+                    Poll::Ready(Some(Err(std::io::Error::other("agent session ended"))))
+                }
+                Poll::Pending => Poll::Pending,
+            };
         }
     }
 }

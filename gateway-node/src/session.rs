@@ -15,8 +15,8 @@ use strait_schema::window::WindowPool;
 use strait_schema::ws::Message as WsMessage;
 use strait_schema::{
     credentials, decode_bytes, encode, AgentName, DecodeError, ErrorCode, Frame, Hello, Limits, Pong, RefuseCode,
-    Refused, RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, CAP_INLINE_END, CAP_RAW_HTTP,
-    PROTOCOL_VERSION,
+    Refused, RequestHead, Reset, ResponseHead, StreamId, StreamOpen, Welcome, WireLimits, CAP_DRAIN, CAP_INLINE_END,
+    CAP_RAW_HTTP, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -154,6 +154,8 @@ pub enum BodyEvent {
     Fin,
     /// Aborted.
     Reset(ErrorCode, String),
+    /// The agent is draining: a carried connection takes no further request on this stream.
+    Drain,
 }
 
 /// Hands a frame from the agent to a caller on this node, whichever node the agent is on: the
@@ -171,6 +173,10 @@ pub fn to_local_caller(ctl: &StreamOwner, body: &mpsc::UnboundedSender<BodyEvent
             true
         }
         Frame::Credit(c) => ctl.deliver(StreamEvent::Credit(c.bytes)),
+        Frame::Drain(_) => {
+            let _ = body.send(BodyEvent::Drain);
+            true
+        }
         Frame::Reset(r) => {
             let _ = body.send(BodyEvent::Reset(r.code, r.reason.clone()));
             let _ = ctl.deliver(StreamEvent::Reset(r.code, r.reason));
@@ -259,6 +265,8 @@ struct StreamEntry {
     granted: Arc<AtomicU64>,
     received: u64,
     head_seen: bool,
+    /// A caller's HTTP connection carried as bytes: the only kind the agent may `Drain`.
+    carries_http: bool,
 }
 
 impl StreamEntry {
@@ -386,6 +394,7 @@ impl StreamTable {
                 granted: granted.clone(),
                 received: 0,
                 head_seen: !open.expects_head,
+                carries_http: open.carries_http,
             },
         );
         Ok(StreamGrant {
@@ -704,7 +713,7 @@ impl AgentSession {
                 node_id: cfg.node_id.clone(),
                 heartbeat_ms: cfg.heartbeat.as_millis() as u32,
                 limits: cfg.limits,
-                capabilities: vec![CAP_INLINE_END.to_owned()],
+                capabilities: vec![CAP_INLINE_END.to_owned(), CAP_DRAIN.to_owned()],
             }));
             this.instance_id = hello.instance_id.clone();
             tracing::info!(%agent, instance = %hello.instance_id, peer = ?this.peer, epoch, "agent connected");
@@ -821,6 +830,28 @@ impl AgentSession {
                 drop(t);
                 if !delivered {
                     self.reset_stream(id, ErrorCode::ProtocolError, "too many credit frames");
+                }
+            }
+            Frame::Drain(d) => {
+                let id = d.stream;
+                let mut t = self.streams.inner.lock();
+                match t.map.get_mut(&id) {
+                    Some(s) if s.carries_http && s.head_seen => {
+                        s.forward_to_caller(&self.node, agent, epoch, Frame::Drain(d));
+                    }
+                    Some(_) => {
+                        drop(t);
+                        self.refuse_frame("drain_not_carried");
+                        self.reset_stream(
+                            id,
+                            ErrorCode::ProtocolError,
+                            "drain on a stream that is not a carried connection",
+                        );
+                    }
+                    None => {
+                        drop(t);
+                        self.unknown_stream(id, "drain");
+                    }
                 }
             }
             Frame::Reset(r) => {
@@ -1040,6 +1071,7 @@ impl Handler<FromCaller> for AgentSession {
                         granted: Arc::new(AtomicU64::new(u64::from(limits.stream_window))),
                         received: 0,
                         head_seen,
+                        carries_http,
                     },
                 );
                 drop(t);
@@ -1054,6 +1086,11 @@ impl Handler<FromCaller> for AgentSession {
                 if !matches!(&s.caller, Caller::Remote { node, .. } if *node == msg.from_node) {
                     drop(t);
                     self.refuse_frame("relayed_frame_from_wrong_node");
+                    return;
+                }
+                if matches!(msg.frame, Frame::Drain(_)) {
+                    drop(t);
+                    self.refuse_frame("relayed_drain");
                     return;
                 }
                 match &msg.frame {

@@ -347,6 +347,8 @@ impl Handler<Pump> for RawStream {
                         activity.store(now_ms(), Ordering::Relaxed);
                         credit_back.consumed(b.len(), rx.is_empty());
                     }
+                    // Only carried HTTP connections are drained between requests.
+                    BodyEvent::Drain => {}
                     BodyEvent::Fin => {
                         // Half-close towards the caller; this direction is done.
                         let _ = wr.shutdown().await;

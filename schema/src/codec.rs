@@ -18,7 +18,7 @@ use capnp::{serialize, struct_list, text, text_list};
 
 use crate::code::{ErrorCode, RefuseCode};
 use crate::frame::{
-    is_short_id, AgentName, BusEnvelope, Credit, Data, Fin, Frame, GoAway, Header, Hello, Ping, Pong, Refused,
+    is_short_id, AgentName, BusEnvelope, Credit, Data, Drain, Fin, Frame, GoAway, Header, Hello, Ping, Pong, Refused,
     RequestHead, Reset, ResponseHead, ServiceDecl, ServiceKind, StreamId, StreamOpen, Welcome, WireLimits,
 };
 use crate::tunnel_capnp as wire;
@@ -229,6 +229,7 @@ fn frame_words(frame: &Frame) -> usize {
         Frame::Fin(_) => size::<wire::fin::Builder<'_>>(),
         Frame::Reset(r) => size::<wire::reset::Builder<'_>>() + text_words(&r.reason),
         Frame::GoAway(g) => size::<wire::go_away::Builder<'_>>() + text_words(&g.reason),
+        Frame::Drain(_) => size::<wire::drain::Builder<'_>>(),
     };
     size::<wire::frame::Builder<'_>>() + member
 }
@@ -338,6 +339,7 @@ fn write_frame(b: wire::frame::Builder<'_>, frame: &Frame) {
             w.set_reason(r.reason.as_str());
         }
         Frame::GoAway(g) => b.init_go_away().set_reason(g.reason.as_str()),
+        Frame::Drain(d) => b.init_drain().set_stream(d.stream.0),
     }
 }
 
@@ -717,6 +719,9 @@ fn read_frame(r: wire::frame::Reader<'_>, limits: &Limits, payload: Payload<'_>)
         }
         Which::Fin(x) => Frame::Fin(Fin {
             stream: read_stream(x.map_err(malformed("fin"))?.get_stream(), "fin.stream")?,
+        }),
+        Which::Drain(x) => Frame::Drain(Drain {
+            stream: read_stream(x.map_err(malformed("drain"))?.get_stream(), "drain.stream")?,
         }),
         Which::Reset(x) => {
             let x = x.map_err(malformed("reset"))?;

@@ -20,6 +20,12 @@ pub const CAP_INLINE_END: &str = "inline-end";
 /// request is what small requests spend most of their tunnel time on).
 pub const CAP_RAW_HTTP: &str = "raw-http";
 
+/// Capability a node lists in `Welcome` when it takes a [`Drain`] from the agent: a draining
+/// agent then has the node end its carried connections between requests, instead of serving
+/// them until its drain timeout cuts whatever is in flight (a carried connection never runs out
+/// of requests while its caller keeps sending). An agent sends `Drain` only to such a node.
+pub const CAP_DRAIN: &str = "drain";
+
 /// In the head an agent opens a [`CAP_RAW_HTTP`] stream with: the path the service lives under,
 /// which the gateway puts in front of every request target it writes.
 pub const PATH_PREFIX_HEADER: &str = "x-strait-path-prefix";
@@ -280,6 +286,14 @@ pub struct GoAway {
     pub reason: String,
 }
 
+/// The agent is shutting down: the node ends this carried HTTP connection (its `Fin`) once the
+/// exchange in flight is answered, and sends the caller's next request elsewhere ([`CAP_DRAIN`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// The carried connection's stream.
+    pub stream: StreamId,
+}
+
 /// Everything that travels on an agent connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -309,6 +323,8 @@ pub enum Frame {
     Reset(Reset),
     /// Please reconnect elsewhere.
     GoAway(GoAway),
+    /// End this carried connection between requests.
+    Drain(Drain),
 }
 
 impl Frame {
@@ -322,6 +338,7 @@ impl Frame {
             Frame::Credit(f) => Some(f.stream),
             Frame::Fin(f) => Some(f.stream),
             Frame::Reset(f) => Some(f.stream),
+            Frame::Drain(f) => Some(f.stream),
             _ => None,
         }
     }
@@ -348,6 +365,7 @@ impl Frame {
             Frame::Fin(_) => "fin",
             Frame::Reset(_) => "reset",
             Frame::GoAway(_) => "go_away",
+            Frame::Drain(_) => "drain",
         }
     }
 }

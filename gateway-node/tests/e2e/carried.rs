@@ -12,7 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::*;
-use crate::http::metric_value;
 
 async fn carried_node() -> TestNode {
     TestNode::with(|c| c.http_relay = HttpRelay::Connection).await
@@ -343,4 +342,65 @@ async fn a_caller_that_hangs_up_before_its_answer_ends_the_stream() {
             == Some(0)
     })
     .await;
+}
+
+/// An agent shutting down has its node end every carried connection between requests, on the
+/// agent's node or, across the bus, on another: the exchange in flight is answered in full, the
+/// agent's drain ends as soon as that answer is out (not when its callers hang up, which keep-alive
+/// callers never do), and the caller's next request finds the agent gone.
+#[actix_rt::test]
+async fn a_draining_agent_ends_carried_connections_between_requests() {
+    for cross in [false, true] {
+        let backend = Backend::start().await;
+        let b = SharedBackends::in_process();
+        let cfg = |c: &mut strait_gateway::config::NodeConfig| {
+            c.http_relay = HttpRelay::Connection;
+            // Callers' idle connections outlast the test: they cannot be what ends the drain.
+            c.caller_timeout = Duration::from_secs(60);
+        };
+        let callers = TestNode::on_backends(&b, "node-a", cfg).await;
+        let other = match cross {
+            true => Some(TestNode::on_backends(&b, "node-b", cfg).await),
+            false => None,
+        };
+        let agents = other.as_ref().unwrap_or(&callers);
+        let agent = agents.connect_agent("alpha", &backend.url()).await;
+        let name = strait_schema::AgentName::new("alpha").unwrap();
+        let st = callers.state.clone();
+        eventually(Duration::from_secs(5), "presence visible to the callers' node", || {
+            let (st, name) = (st.clone(), name.clone());
+            async move { st.directory.presence(&name).await.unwrap().is_some() }
+        })
+        .await;
+        let host = format!("alpha.localhost:{}", callers.http_addr.port());
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        // One connection idle after an answer, one waiting for a slow one.
+        let mut idle = TcpStream::connect(callers.http_addr).await.unwrap();
+        idle.write_all(get("/status/200").as_bytes()).await.unwrap();
+        assert!(read_answer(&mut idle).await.0.starts_with("http/1.1 200"));
+        let mut busy = TcpStream::connect(callers.http_addr).await.unwrap();
+        busy.write_all(get("/slow/500").as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+
+        let started = std::time::Instant::now();
+        let stopping = tokio::spawn(agent.shutdown());
+        let (head, body) = read_answer(&mut busy).await;
+        assert!(head.starts_with("http/1.1 200"), "cross: {cross}: {head}");
+        assert_eq!(body, b"slow");
+        tokio::time::timeout(Duration::from_secs(5), stopping)
+            .await
+            .unwrap_or_else(|_| panic!("cross: {cross}: the agent's drain waited for its callers"))
+            .unwrap();
+        println!("cross: {cross}: the agent drained in {:?}", started.elapsed());
+        // Both connections are still the callers'; their next requests find no agent.
+        for s in [&mut busy, &mut idle] {
+            s.write_all(get("/status/200").as_bytes()).await.unwrap();
+            let (head, _) = read_answer(s).await;
+            assert!(
+                head.starts_with("http/1.1 502") || head.starts_with("http/1.1 503"),
+                "cross: {cross}: {head}"
+            );
+        }
+        callers.metric_reaches("strait_requests_total{outcome=\"ok\"}", 2).await;
+    }
 }

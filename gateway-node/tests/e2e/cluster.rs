@@ -318,6 +318,34 @@ async fn stale_or_misdirected_bus_frames_are_answered_with_a_reset() {
     );
     let dropped = nodes[0].state.metrics.bus.with_label_values(&["dropped_stale"]).get();
     assert_eq!(dropped, 3);
+    // Only an agent drains a carried connection: a caller's node that relays a `Drain` is refused,
+    // and the agent never sees it.
+    let carried = StreamId(14);
+    let open = Frame::StreamOpen(strait_schema::StreamOpen {
+        stream: carried,
+        service: String::new(),
+        http: true,
+    });
+    b.bus.publish(envelope(&alpha, epoch, open)).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), z.recv())
+        .await
+        .expect("no answer to a carried connection's open")
+        .unwrap();
+    assert!(matches!(answer.frame, Frame::ResponseHead(h) if h.stream == carried && h.status == 200));
+    let drain = Frame::Drain(strait_schema::Drain { stream: carried });
+    b.bus.publish(envelope(&alpha, epoch, drain)).await.unwrap();
+    let refused = || {
+        nodes[0]
+            .state
+            .metrics
+            .frames_refused
+            .with_label_values(&["relayed_drain"])
+            .get()
+    };
+    eventually(Duration::from_secs(5), "the relayed Drain refused", || async {
+        refused() == 1
+    })
+    .await;
     let res = nodes[0]
         .client(&["alpha"])
         .get(nodes[0].url("alpha", "/inspect"))

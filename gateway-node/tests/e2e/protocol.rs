@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use strait_agent::{AgentConfig, AgentHandle, AgentStatus};
 use strait_schema::{
-    credentials, decode, encode, AgentName, AgentToken, Data, ErrorCode, Frame, Hello, Limits, RefuseCode,
-    ResponseHead, Secret, StreamId, CAP_INLINE_END, CAP_RAW_HTTP, PROTOCOL_VERSION,
+    credentials, decode, encode, AgentName, AgentToken, Data, Drain, ErrorCode, Frame, Hello, Limits, RefuseCode,
+    ResponseHead, Secret, StreamId, CAP_DRAIN, CAP_INLINE_END, CAP_RAW_HTTP, PROTOCOL_VERSION,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -542,4 +542,65 @@ async fn a_carried_connection_opened_without_a_host_is_refused() {
         Some(Frame::Reset(r)) => assert_eq!(r.stream, open.stream),
         other => panic!("expected the stream's Reset, got {other:?}"),
     }
+}
+
+/// `Drain` is only for a carried connection the agent has answered: on a request's stream it is
+/// a protocol error that resets that stream (its caller gets 502 `PROTOCOL_ERROR`), and on a
+/// stream the node does not know it is answered with a `Reset`; the connection serves on.
+#[actix_rt::test]
+async fn a_drain_on_a_stream_that_is_not_carried_is_refused() {
+    let node = TestNode::with(|c| {
+        c.http_relay = strait_gateway::config::HttpRelay::Request;
+        c.heartbeat = Duration::from_secs(5);
+    })
+    .await;
+    let token = node.add_agent("drainer").await;
+    let mut ws = dial(&node).await;
+    let h = hello(&token, strait_gateway::store::now_ms());
+    match handshake(&mut ws, h).await {
+        Frame::Welcome(w) => assert!(w.capabilities.iter().any(|c| c == CAP_DRAIN), "{w:?}"),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let send = |f: Frame| Message::Binary(encode(&f).into());
+    let req = tokio::spawn(node.client(&["drainer"]).get(node.url("drainer", "/x")).send());
+    let head = match next_frame(&mut ws).await {
+        Some(Frame::RequestHead(h)) => h,
+        other => panic!("expected a RequestHead, got {other:?}"),
+    };
+    ws.send(send(Frame::Drain(Drain { stream: head.stream })))
+        .await
+        .unwrap();
+    let res = req.await.unwrap().unwrap();
+    assert_eq!(res.status(), 502);
+    assert_eq!(res.headers()["x-strait-error"], "PROTOCOL_ERROR");
+    match next_frame(&mut ws).await {
+        Some(Frame::Reset(r)) => assert_eq!((r.stream, r.code), (head.stream, ErrorCode::ProtocolError)),
+        other => panic!("expected the stream's Reset, got {other:?}"),
+    }
+    let unknown = StreamId(0x5eed);
+    ws.send(send(Frame::Drain(Drain { stream: unknown }))).await.unwrap();
+    match next_frame(&mut ws).await {
+        Some(Frame::Reset(r)) => assert_eq!((r.stream, r.reason.as_str()), (unknown, "unknown stream")),
+        other => panic!("expected a Reset for the unknown stream, got {other:?}"),
+    }
+    // The connection still carries requests.
+    let req = tokio::spawn(node.client(&["drainer"]).get(node.url("drainer", "/y")).send());
+    let head = match next_frame(&mut ws).await {
+        Some(Frame::RequestHead(h)) => h,
+        other => panic!("expected a RequestHead, got {other:?}"),
+    };
+    let whole = Frame::ResponseHead(ResponseHead {
+        stream: head.stream,
+        status: 200,
+        headers: vec![],
+        end: true,
+        body: b"on".to_vec().into(),
+    });
+    ws.send(send(whole)).await.unwrap();
+    assert_eq!(req.await.unwrap().unwrap().text().await.unwrap(), "on");
+    let m = node.metrics().await;
+    assert_eq!(
+        crate::http::metric_value(&m, "strait_frames_refused_total{reason=\"drain_not_carried\"}"),
+        1
+    );
 }

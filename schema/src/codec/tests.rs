@@ -172,6 +172,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         (stream_id(), payload()).prop_map(|(stream, bytes)| Frame::Data(Data { stream, bytes })),
         (stream_id(), 1..=u32::MAX).prop_map(|(stream, bytes)| Frame::Credit(Credit { stream, bytes })),
         stream_id().prop_map(|stream| Frame::Fin(Fin { stream })),
+        stream_id().prop_map(|stream| Frame::Drain(Drain { stream })),
         (stream_id(), error_code(), free_text()).prop_map(|(stream, code, reason)| Frame::Reset(Reset {
             stream,
             code,
@@ -591,8 +592,8 @@ fn decode_refuses_trailing_bytes() {
 fn decode_refuses_unknown_frame_kind() {
     let mut bytes = encode(&Frame::Ping(Ping { timestamp_ms: 1 }));
     // Segment table (8), root pointer (8), then the Frame data word whose first u16 is the
-    // discriminant: 13 is one past `goAway`.
-    bytes[16..18].copy_from_slice(&13u16.to_le_bytes());
+    // discriminant: 14 is one past `drain`.
+    bytes[16..18].copy_from_slice(&14u16.to_le_bytes());
     assert_invalid(decode(&bytes, &limits()).unwrap_err(), "frame");
 }
 
@@ -659,6 +660,7 @@ fn decode_refuses_zero_stream_id() {
     );
     assert_refused(Frame::Credit(Credit { stream: zero, bytes: 1 }), "credit.stream");
     assert_refused(Frame::Fin(Fin { stream: zero }), "fin.stream");
+    assert_refused(Frame::Drain(Drain { stream: zero }), "drain.stream");
     assert_refused(
         Frame::Reset(Reset {
             stream: zero,
@@ -1373,6 +1375,7 @@ fn seed_messages() -> Vec<(String, Vec<u8>)> {
             bytes: 65536,
         }),
         Frame::Fin(Fin { stream: stream() }),
+        Frame::Drain(Drain { stream: stream() }),
         Frame::Reset(Reset {
             stream: stream(),
             code: ErrorCode::Timeout,
