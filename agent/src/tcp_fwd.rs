@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
+use strait_schema::read_size::ReadSize;
 use strait_schema::ErrorCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -93,19 +94,20 @@ where
 
     let to_gateway = async {
         let mut buf = BytesMut::new();
+        let mut size = ReadSize::new(tx.max_data_bytes);
         loop {
             // Take credit first, then read at most that much: nothing is buffered beyond it.
-            let n = tx.credit.take(tx.max_data_bytes).await;
+            let n = tx.credit.take(size.reserve(&mut buf)).await;
             if n == 0 {
                 return Err("connection to gateway closed".to_owned());
             }
-            buf.reserve(n);
             let got = {
                 let mut limited = (&mut buf).limit(n);
                 rd.read_buf(&mut limited)
                     .await
                     .map_err(|e| format!("read from local service failed ({peer}): {e}"))?
             };
+            size.read(n, got);
             tx.credit.give_back(n - got);
             if got == 0 {
                 tx.fin().await.map_err(|_| "connection to gateway closed".to_owned())?;

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode};
+use strait_schema::read_size::ReadSize;
 use strait_schema::{AgentName, Data, ErrorCode, Fin, Frame, Reset, StreamId, StreamOpen, PATH_PREFIX_HEADER};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -469,14 +470,18 @@ impl Caller {
             if !buf.is_empty() {
                 up.send(buf.split().freeze()).await?;
             }
+            let mut size = ReadSize::new(up.max_data);
             loop {
-                buf.reserve(up.max_data);
+                let want = size.reserve(buf);
                 match rd.read_buf(buf).await {
                     Ok(0) => {
                         up.link.send(&Frame::Fin(Fin { stream: up.id }));
                         return Ok::<(), Failure>(());
                     }
-                    Ok(_) => up.send(buf.split().freeze()).await?,
+                    Ok(n) => {
+                        size.read(want, n);
+                        up.send(buf.split().freeze()).await?
+                    }
                     Err(e) => return Err((ErrorCode::Reset, format!("caller connection failed: {e}"))),
                 }
             }

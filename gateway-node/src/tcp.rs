@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_rt::task::JoinHandle;
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
+use strait_schema::read_size::ReadSize;
 use strait_schema::{Data, ErrorCode, Fin, Frame, Reset, StreamId, StreamOpen};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -282,10 +283,11 @@ impl Handler<Pump> for RawStream {
         let mut rd = p.rd;
         let max_data = p.max_data;
         self.tasks.push(actix_rt::spawn(async move {
-            let mut buf = BytesMut::with_capacity(max_data);
+            let mut buf = BytesMut::new();
+            let mut size = ReadSize::new(max_data);
             loop {
-                buf.reserve(max_data);
-                let n = match rd.read_buf(&mut buf).await {
+                let want = size.reserve(&mut buf);
+                let n = match rd.read_buf(&mut (&mut buf).limit(want)).await {
                     Ok(0) => {
                         link.send(&Frame::Fin(Fin { stream: id }));
                         done.do_send(HalfDone::Clean);
@@ -300,6 +302,7 @@ impl Handler<Pump> for RawStream {
                         return;
                     }
                 };
+                size.read(want, n);
                 activity.store(now_ms(), Ordering::Relaxed);
                 if !RawStream::within_quota(&bytes, quota, n) {
                     done.do_send(HalfDone::Failed(

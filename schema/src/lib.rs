@@ -8,6 +8,7 @@ pub mod code;
 pub mod codec;
 pub mod credentials;
 pub mod frame;
+pub mod read_size;
 pub mod window;
 pub mod ws;
 

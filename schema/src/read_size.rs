@@ -1,0 +1,112 @@
+//! How much a relay reads from a socket at a time, shared by both ends' byte pumps.
+//!
+//! A read sized for a whole `Data` frame (256 KiB) took a fresh allocation for every small
+//! message: the buffer's previous chunk was still queued for the WebSocket writer, so the rest of
+//! its allocation could not be reused. Reads start small and several share one [`READ_SLAB`];
+//! while reads come back full the size doubles, so bulk transfers still reach a whole frame
+//! within a few reads (docs/benchmarks.md, twenty-fourth round).
+
+use bytes::BytesMut;
+
+/// The first read, and the smallest.
+pub const SMALL_READ: usize = 16 << 10;
+
+/// What a read buffer allocates at least, for several small reads in turn.
+pub const READ_SLAB: usize = 64 << 10;
+
+/// The size of the next read from one socket.
+#[derive(Debug, Clone)]
+pub struct ReadSize {
+    next: usize,
+    max: usize,
+}
+
+impl ReadSize {
+    /// Reads of at most `max` bytes (a `Data` frame's payload).
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        ReadSize {
+            next: SMALL_READ.min(max),
+            max,
+        }
+    }
+
+    /// How much to read next.
+    pub fn next(&self) -> usize {
+        self.next
+    }
+
+    /// Makes room in `buf` for the next read, in a new [`READ_SLAB`] when the current one is
+    /// used up; returns how much to read.
+    pub fn reserve(&self, buf: &mut BytesMut) -> usize {
+        if buf.capacity() - buf.len() < self.next {
+            buf.reserve(self.next.max(READ_SLAB));
+        }
+        self.next
+    }
+
+    /// A read of at most `asked` bytes returned `got`: a full one doubles the next, a nearly
+    /// empty one halves it.
+    pub fn read(&mut self, asked: usize, got: usize) {
+        if got >= asked {
+            self.next = (self.next * 2).min(self.max);
+        } else if got <= self.next / 4 {
+            self.next = (self.next / 2).max(SMALL_READ.min(self.max));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ramps_to_a_frame_for_bulk_and_falls_back_for_small_messages() {
+        let mut s = ReadSize::new(256 << 10);
+        assert_eq!(s.next(), SMALL_READ);
+        let mut reads = 0;
+        while s.next() < 256 << 10 {
+            let n = s.next();
+            s.read(n, n);
+            reads += 1;
+        }
+        assert_eq!(reads, 4, "16 -> 32 -> 64 -> 128 -> 256 KiB");
+        s.read(256 << 10, 256 << 10);
+        assert_eq!(s.next(), 256 << 10, "never past a frame");
+        // Half full keeps the size; nearly empty reads bring it down to the smallest.
+        s.read(256 << 10, 128 << 10);
+        assert_eq!(s.next(), 256 << 10);
+        for _ in 0..10 {
+            s.read(s.next(), 300);
+        }
+        assert_eq!(s.next(), SMALL_READ);
+        // Less credit than the size: a full read still counts as full.
+        s.read(1000, 1000);
+        assert_eq!(s.next(), 2 * SMALL_READ);
+        // A frame limit below the first read.
+        let mut tiny = ReadSize::new(4096);
+        assert_eq!(tiny.next(), 4096);
+        tiny.read(4096, 10);
+        tiny.read(4096, 4096);
+        assert_eq!(tiny.next(), 4096);
+    }
+
+    #[test]
+    fn small_reads_share_one_allocation() {
+        let s = ReadSize::new(256 << 10);
+        let mut buf = BytesMut::new();
+        let mut chunks = Vec::new();
+        let mut first = None;
+        for _ in 0..3 {
+            let n = s.reserve(&mut buf);
+            assert!(buf.capacity() - buf.len() >= n);
+            buf.extend_from_slice(&[7u8; 300]);
+            let chunk = buf.split().freeze();
+            // Every chunk stays alive (queued for the writer), yet they sit in one allocation.
+            let at = chunk.as_ptr() as usize;
+            let start = *first.get_or_insert(at);
+            assert!(at >= start && at < start + READ_SLAB, "a new allocation per read");
+            chunks.push(chunk);
+        }
+    }
+}
