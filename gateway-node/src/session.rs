@@ -836,7 +836,8 @@ impl AgentSession {
                 let id = d.stream;
                 let mut t = self.streams.inner.lock();
                 match t.map.get_mut(&id) {
-                    Some(s) if s.carries_http && s.head_seen => {
+                    // Before the head too: the agent sends `Drain` ahead of its queued frames.
+                    Some(s) if s.carries_http => {
                         s.forward_to_caller(&self.node, agent, epoch, Frame::Drain(d));
                     }
                     Some(_) => {

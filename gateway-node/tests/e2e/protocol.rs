@@ -544,7 +544,7 @@ async fn a_carried_connection_opened_without_a_host_is_refused() {
     }
 }
 
-/// `Drain` is only for a carried connection the agent has answered: on a request's stream it is
+/// `Drain` is only for a carried connection: on a request's stream it is
 /// a protocol error that resets that stream (its caller gets 502 `PROTOCOL_ERROR`), and on a
 /// stream the node does not know it is answered with a `Reset`; the connection serves on.
 #[actix_rt::test]
@@ -603,4 +603,68 @@ async fn a_drain_on_a_stream_that_is_not_carried_is_refused() {
         crate::http::metric_value(&m, "strait_frames_refused_total{reason=\"drain_not_carried\"}"),
         1
     );
+}
+
+/// A `Drain` may reach the node before the carried connection's head (the agent sends it ahead of
+/// its queued frames): the node still serves the request in flight on it, then ends the stream
+/// with `Fin` without waiting for the caller's next request, which goes on a new stream.
+#[actix_rt::test]
+async fn a_drain_ahead_of_the_head_lets_the_request_finish_then_ends_the_stream() {
+    let node = TestNode::with(|c| {
+        c.http_relay = strait_gateway::config::HttpRelay::Connection;
+        c.heartbeat = Duration::from_secs(5);
+    })
+    .await;
+    let token = node.add_agent("leaving").await;
+    let mut ws = dial(&node).await;
+    let mut h = hello(&token, strait_gateway::store::now_ms());
+    h.capabilities = vec![CAP_RAW_HTTP.to_owned()];
+    h.signature = credentials::sign(&token.secret, &h);
+    assert!(matches!(handshake(&mut ws, h).await, Frame::Welcome(_)));
+    let send = |f: Frame| Message::Binary(encode(&f).into());
+    let client = node.client(&["leaving"]);
+    let req = tokio::spawn(client.get(node.url("leaving", "/one")).send());
+    let open = match next_frame(&mut ws).await {
+        Some(Frame::StreamOpen(o)) if o.http => o,
+        other => panic!("expected a carried StreamOpen, got {other:?}"),
+    };
+    let id = open.stream;
+    ws.send(send(Frame::Drain(Drain { stream: id }))).await.unwrap();
+    let head = Frame::ResponseHead(ResponseHead {
+        stream: id,
+        status: 200,
+        headers: vec![strait_schema::Header {
+            name: "host".into(),
+            value: bytes::Bytes::from_static(b"127.0.0.1:9"),
+        }],
+        end: false,
+        body: Default::default(),
+    });
+    ws.send(send(head)).await.unwrap();
+    let request = match next_frame(&mut ws).await {
+        Some(Frame::Data(d)) if d.stream == id => String::from_utf8(d.bytes.to_vec()).unwrap(),
+        other => panic!("expected the request's bytes, got {other:?}"),
+    };
+    assert!(request.starts_with("GET /one HTTP/1.1\r\n"), "{request}");
+    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbye.".to_vec();
+    ws.send(send(Frame::Data(Data {
+        stream: id,
+        bytes: answer.into(),
+    })))
+    .await
+    .unwrap();
+    let res = req.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "bye.");
+    match next_frame(&mut ws).await {
+        Some(Frame::Fin(f)) => assert_eq!(f.stream, id, "the drained stream ends"),
+        other => panic!("expected the drained stream's Fin, got {other:?}"),
+    }
+    // The same caller's next request opens a new stream.
+    let req = tokio::spawn(client.get(node.url("leaving", "/two")).send());
+    match next_frame(&mut ws).await {
+        Some(Frame::StreamOpen(o)) => assert_ne!(o.stream, id),
+        other => panic!("expected a new StreamOpen, got {other:?}"),
+    }
+    req.abort();
 }
