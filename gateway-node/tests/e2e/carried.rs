@@ -380,6 +380,13 @@ async fn a_draining_agent_ends_carried_connections_between_requests() {
         assert!(read_answer(&mut idle).await.0.starts_with("http/1.1 200"));
         let mut busy = TcpStream::connect(callers.http_addr).await.unwrap();
         busy.write_all(get("/slow/500").as_bytes()).await.unwrap();
+        eventually(
+            Duration::from_secs(5),
+            "both connections' streams open on the agent's node",
+            || async { agents.state.sessions.get(&name).map(|s| s.streams.open_count()) == Some(2) },
+        )
+        .await;
+        // The slow request's bytes reach the agent well within its 500 ms.
         tokio::time::sleep(Duration::from_millis(150)).await;
 
         let started = std::time::Instant::now();
