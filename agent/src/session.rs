@@ -356,6 +356,9 @@ pub(crate) async fn serve(
             }
             Ok(()) = welcomed.changed(), if away_since.is_some() && replaced_at.is_none() => {
                 replaced_at = Some(Instant::now());
+                // Callers' carried connections still on this one move to the replacement at their
+                // next request; those sitting idle would hold the retiring node's drain till then.
+                sess.drain_carried();
             }
             _ = sleep_until(replaced_at.map(|t| t + HANDOVER_LINGER)), if replaced_at.is_some() && !handed_over => {}
             _ = sleep_until(deadline), if deadline.is_some() => break Exit::DrainTimeout,
@@ -536,9 +539,10 @@ impl Session {
         Step::Continue
     }
 
-    /// Shutting down: asks the node to end each carried HTTP connection once its exchange in
-    /// flight is answered. Its caller's next request would otherwise keep the stream, and this
-    /// drain, going until the drain timeout cut whatever was in flight.
+    /// Shutting down, or replaced after a `GoAway`: asks the node to end each carried HTTP
+    /// connection once its exchange in flight is answered. Its caller's next request would
+    /// otherwise keep the stream, and this drain, going until the drain timeout cut whatever was
+    /// in flight.
     fn drain_carried(&mut self) {
         if !self.limits.drain {
             return;

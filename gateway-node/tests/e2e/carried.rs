@@ -17,27 +17,6 @@ async fn carried_node() -> TestNode {
     TestNode::with(|c| c.http_relay = HttpRelay::Connection).await
 }
 
-/// Reads one answer with a `content-length` from `s`: its head (lowercased) and its body.
-async fn read_answer(s: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "connection closed mid-head");
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8(buf).unwrap().to_ascii_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length: "))
-        .expect("content-length")
-        .trim()
-        .parse()
-        .unwrap();
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await.unwrap();
-    (head, body)
-}
-
 /// Requests written back to back are answered in order on the one connection; an HTTP/1.0
 /// caller's requests go to the service in 1.0, so a service that would chunk its answer does not.
 #[actix_rt::test]

@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt;
+
 use strait_agent::{AgentConfig, AgentHandle};
 use strait_schema::AgentName;
 
@@ -353,4 +355,73 @@ async fn stale_or_misdirected_bus_frames_are_answered_with_a_reset() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+}
+
+/// A node that drains does not wait for callers' idle carried connections to its agents: once the
+/// agent's replacement connection is up elsewhere, the agent drains the old one's carried streams
+/// (`Drain`), so the callers' node ends them at once, and the next request follows the agent.
+#[actix_rt::test]
+async fn a_draining_node_is_not_held_by_idle_carried_connections() {
+    let backend = Backend::start().await;
+    let b = SharedBackends::in_process();
+    let cfg = |c: &mut strait_gateway::config::NodeConfig| {
+        c.http_relay = strait_gateway::config::HttpRelay::Connection;
+        c.heartbeat = Duration::from_millis(200);
+        // Idle callers outlast the test, and a drain may wait for them as long: only the agent's
+        // Drain can end their streams in time.
+        c.caller_timeout = Duration::from_secs(60);
+        c.drain_grace = Duration::from_secs(30);
+        c.handoff = Duration::from_secs(5);
+    };
+    let callers = TestNode::on_backends(&b, "node-a", cfg).await;
+    let old = TestNode::on_backends(&b, "node-b", cfg).await;
+    let new = TestNode::on_backends(&b, "node-c", cfg).await;
+    let token = old.add_agent("alpha").await;
+    let mut agent_cfg = AgentConfig::new(&old.agent_url(), token)
+        .unwrap()
+        .expose(&backend.url())
+        .unwrap();
+    agent_cfg
+        .gateways
+        .push(strait_agent::GatewayUrl::parse(&new.agent_url()).unwrap());
+    let agent = AgentHandle::spawn(agent_cfg);
+    agent.connected(Duration::from_secs(10)).await.unwrap();
+    old.wait_agent("alpha").await;
+    let alpha = AgentName::new("alpha").unwrap();
+    let st = callers.state.clone();
+    eventually(Duration::from_secs(5), "presence visible to the callers' node", || {
+        let (st, alpha) = (st.clone(), alpha.clone());
+        async move { st.directory.presence(&alpha).await.unwrap().is_some() }
+    })
+    .await;
+    // Two keep-alive callers on node A, each served once and then idle on a stream to node B.
+    let host = format!("alpha.localhost:{}", callers.http_addr.port());
+    let get = format!("GET /status/200 HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(callers.http_addr).await.unwrap();
+        s.write_all(get.as_bytes()).await.unwrap();
+        assert!(read_answer(&mut s).await.0.starts_with("http/1.1 200"));
+        idle.push(s);
+    }
+    assert_eq!(old.state.sessions.get(&alpha).map(|s| s.streams.open_count()), Some(2));
+
+    let started = std::time::Instant::now();
+    old.shutdown().await;
+    let took = started.elapsed();
+    println!("node-b drained in {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the drain waited for idle callers: {took:?}"
+    );
+    new.wait_agent("alpha").await;
+    for s in &mut idle {
+        s.write_all(get.as_bytes()).await.unwrap();
+        let (head, _) = read_answer(s).await;
+        assert!(
+            head.starts_with("http/1.1 200"),
+            "the connection follows the agent: {head}"
+        );
+    }
+    agent.kill();
 }

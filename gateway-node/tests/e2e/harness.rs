@@ -681,3 +681,25 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> (String, Duration) 
         .unwrap();
     (String::from_utf8_lossy(&answer).into_owned(), start.elapsed())
 }
+
+/// Reads one answer with a `content-length` from `s`: its head (lowercased) and its body.
+pub async fn read_answer(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "connection closed mid-head");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap().to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    (head, body)
+}
