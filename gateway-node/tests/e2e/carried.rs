@@ -345,12 +345,7 @@ async fn a_draining_agent_ends_carried_connections_between_requests() {
         let agents = other.as_ref().unwrap_or(&callers);
         let agent = agents.connect_agent("alpha", &backend.url()).await;
         let name = strait_schema::AgentName::new("alpha").unwrap();
-        let st = callers.state.clone();
-        eventually(Duration::from_secs(5), "presence visible to the callers' node", || {
-            let (st, name) = (st.clone(), name.clone());
-            async move { st.directory.presence(&name).await.unwrap().is_some() }
-        })
-        .await;
+        callers.sees_presence("alpha").await;
         let host = format!("alpha.localhost:{}", callers.http_addr.port());
         let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
         // One connection idle after an answer, one waiting for a slow one.

@@ -32,13 +32,7 @@ async fn callers_on_any_node_reach_an_agent_on_another() {
     let _agent = nodes[1].connect_agent("alpha", &backend.url()).await;
     for caller in [&nodes[0], &nodes[2]] {
         let c = caller.client(&["alpha"]);
-        let st = caller.state.clone();
-        let a = AgentName::new("alpha").unwrap();
-        eventually(Duration::from_secs(5), "presence visible", || {
-            let (st, a) = (st.clone(), a.clone());
-            async move { st.directory.presence(&a).await.unwrap().is_some() }
-        })
-        .await;
+        caller.sees_presence("alpha").await;
         let res = c
             .get(caller.url("alpha", "/inspect?q=1"))
             .header("x-multi", "1")
@@ -388,12 +382,7 @@ async fn a_draining_node_is_not_held_by_idle_carried_connections() {
     agent.connected(Duration::from_secs(10)).await.unwrap();
     old.wait_agent("alpha").await;
     let alpha = AgentName::new("alpha").unwrap();
-    let st = callers.state.clone();
-    eventually(Duration::from_secs(5), "presence visible to the callers' node", || {
-        let (st, alpha) = (st.clone(), alpha.clone());
-        async move { st.directory.presence(&alpha).await.unwrap().is_some() }
-    })
-    .await;
+    callers.sees_presence("alpha").await;
     // Two keep-alive callers on node A, each served once and then idle on a stream to node B.
     let host = format!("alpha.localhost:{}", callers.http_addr.port());
     let get = format!("GET /status/200 HTTP/1.1\r\nHost: {host}\r\n\r\n");

@@ -342,6 +342,16 @@ impl TestNode {
         agent
     }
 
+    /// Waits until this node's directory shows `agent` connected somewhere in the cluster.
+    pub async fn sees_presence(&self, agent: &str) {
+        let (st, name) = (self.state.clone(), AgentName::new(agent).unwrap());
+        eventually(Duration::from_secs(5), "presence visible to this node", || {
+            let (st, name) = (st.clone(), name.clone());
+            async move { st.directory.presence(&name).await.unwrap().is_some() }
+        })
+        .await;
+    }
+
     /// Waits until the node has an active session for `name`.
     pub async fn wait_agent(&self, name: &str) {
         let a = AgentName::new(name).unwrap();

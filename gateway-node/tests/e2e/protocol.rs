@@ -479,13 +479,7 @@ async fn an_agent_without_raw_http_on_another_node_is_served_request_by_request(
     let a = TestNode::on_backends(&b, "node-a", carried).await;
     let node_b = TestNode::on_backends(&b, "node-b", carried).await;
     let mut ws = raw_agent(&node_b, "older").await;
-    let name = AgentName::new("older").unwrap();
-    let st = a.state.clone();
-    eventually(Duration::from_secs(5), "presence visible to node-a", || {
-        let (st, name) = (st.clone(), name.clone());
-        async move { st.directory.presence(&name).await.unwrap().is_some() }
-    })
-    .await;
+    a.sees_presence("older").await;
     let req = tokio::spawn(a.client(&["older"]).get(a.url("older", "/far")).send());
     let head = match next_frame(&mut ws).await {
         Some(Frame::RequestHead(h)) => h,
@@ -505,6 +499,17 @@ async fn an_agent_without_raw_http_on_another_node_is_served_request_by_request(
     assert_eq!(res.bytes().await.unwrap().as_ref(), b"far");
 }
 
+/// A hand-driven agent `name` that takes carried connections (`raw-http`), welcomed by `node`.
+async fn raw_http_agent(node: &TestNode, name: &str) -> Ws {
+    let token = node.add_agent(name).await;
+    let mut ws = dial(node).await;
+    let mut h = hello(&token, strait_gateway::store::now_ms());
+    h.capabilities = vec![CAP_RAW_HTTP.to_owned()];
+    h.signature = credentials::sign(&token.secret, &h);
+    assert!(matches!(handshake(&mut ws, h).await, Frame::Welcome(_)));
+    ws
+}
+
 /// An agent that takes carried connections but opens one without naming its service's host
 /// (the gateway could not write a single request head): the caller gets 502 `PROTOCOL_ERROR`,
 /// and the agent is told the stream is over.
@@ -515,12 +520,7 @@ async fn a_carried_connection_opened_without_a_host_is_refused() {
         c.heartbeat = Duration::from_secs(5);
     })
     .await;
-    let token = node.add_agent("nohost").await;
-    let mut ws = dial(&node).await;
-    let mut h = hello(&token, strait_gateway::store::now_ms());
-    h.capabilities = vec![CAP_RAW_HTTP.to_owned()];
-    h.signature = credentials::sign(&token.secret, &h);
-    assert!(matches!(handshake(&mut ws, h).await, Frame::Welcome(_)));
+    let mut ws = raw_http_agent(&node, "nohost").await;
     let req = tokio::spawn(node.client(&["nohost"]).get(node.url("nohost", "/x")).send());
     let open = match next_frame(&mut ws).await {
         Some(Frame::StreamOpen(o)) => o,
@@ -615,12 +615,7 @@ async fn a_drain_ahead_of_the_head_lets_the_request_finish_then_ends_the_stream(
         c.heartbeat = Duration::from_secs(5);
     })
     .await;
-    let token = node.add_agent("leaving").await;
-    let mut ws = dial(&node).await;
-    let mut h = hello(&token, strait_gateway::store::now_ms());
-    h.capabilities = vec![CAP_RAW_HTTP.to_owned()];
-    h.signature = credentials::sign(&token.secret, &h);
-    assert!(matches!(handshake(&mut ws, h).await, Frame::Welcome(_)));
+    let mut ws = raw_http_agent(&node, "leaving").await;
     let send = |f: Frame| Message::Binary(encode(&f).into());
     let client = node.client(&["leaving"]);
     let req = tokio::spawn(client.get(node.url("leaving", "/one")).send());
