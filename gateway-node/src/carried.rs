@@ -772,11 +772,7 @@ struct Upward<'a> {
 impl Upward<'_> {
     /// Sends `bytes` as `Data`, within the agent's credit.
     async fn send(&self, mut bytes: Bytes) -> Result<(), Failure> {
-        self.node
-            .metrics
-            .bytes
-            .with_label_values(&["in"])
-            .inc_by(bytes.len() as u64);
+        self.node.metrics.bytes_in.inc_by(bytes.len() as u64);
         while !bytes.is_empty() {
             let n = bytes.len().min(self.max_data);
             let Ok(permit) = self.credit.acquire_many(n as u32).await else {

@@ -140,7 +140,7 @@ impl RemoteStreams {
             _ => 0,
         };
         if body_bytes > 0 {
-            node.metrics.bytes.with_label_values(&["out"]).inc_by(body_bytes as u64);
+            node.metrics.bytes_out.inc_by(body_bytes as u64);
         }
         to_local_caller(&e.ctl, &e.body, frame);
     }

@@ -133,7 +133,7 @@ impl Request {
                     closer.close(id);
                     return;
                 };
-                node.metrics.bytes.with_label_values(&["in"]).inc_by(chunk.len() as u64);
+                node.metrics.bytes_in.inc_by(chunk.len() as u64);
                 while !chunk.is_empty() {
                     let n = chunk.len().min(max_data);
                     let Ok(permit) = credit.acquire_many(n as u32).await else {

@@ -19,8 +19,12 @@ pub struct Metrics {
     pub handshakes: IntCounterVec,
     /// Ingress requests by outcome (`ok` or an error code).
     pub requests: IntCounterVec,
-    /// Payload bytes through tunnels: `in` = from callers towards agents, `out` = towards callers.
-    pub bytes: IntCounterVec,
+    /// Payload bytes through tunnels from callers towards agents
+    /// (`strait_tunnel_bytes_total{direction="in"}`). Resolved once, as both directions count
+    /// every frame.
+    pub bytes_in: IntCounter,
+    /// Payload bytes through tunnels towards callers (`direction="out"`).
+    pub bytes_out: IntCounter,
     /// Time from request arrival to the end of the response body.
     pub request_seconds: Histogram,
     /// Frames from agents refused, by reason.
@@ -91,7 +95,8 @@ impl Metrics {
             agents_connected,
             handshakes,
             requests,
-            bytes,
+            bytes_in: bytes.with_label_values(&["in"]),
+            bytes_out: bytes.with_label_values(&["out"]),
             request_seconds,
             frames_refused,
             resets,

@@ -758,11 +758,7 @@ impl AgentSession {
                     return self.reset_stream(id, ErrorCode::ProtocolError, "flow-control window exceeded");
                 }
                 if matches!(s.caller, Caller::Local { .. }) && !h.body.is_empty() {
-                    self.node
-                        .metrics
-                        .bytes
-                        .with_label_values(&["out"])
-                        .inc_by(h.body.len() as u64);
+                    self.node.metrics.bytes_out.inc_by(h.body.len() as u64);
                 }
                 let delivered = s.forward_to_caller(&self.node, agent, epoch, Frame::ResponseHead(h));
                 if s.relay_done() {
@@ -792,11 +788,7 @@ impl AgentSession {
                     return self.reset_stream(id, ErrorCode::ProtocolError, why);
                 }
                 if matches!(s.caller, Caller::Local { .. }) {
-                    self.node
-                        .metrics
-                        .bytes
-                        .with_label_values(&["out"])
-                        .inc_by(d.bytes.len() as u64);
+                    self.node.metrics.bytes_out.inc_by(d.bytes.len() as u64);
                 }
                 s.forward_to_caller(&self.node, agent, epoch, Frame::Data(d));
             }

@@ -315,7 +315,7 @@ impl Handler<Pump> for RawStream {
                     return;
                 };
                 permit.forget();
-                metrics.bytes.with_label_values(&["in"]).inc_by(n as u64);
+                metrics.bytes_in.inc_by(n as u64);
                 if !link.send(&Frame::Data(Data {
                     stream: id,
                     bytes: buf.split_to(n).freeze(),
