@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use strait_agent::{AgentConfig, AgentHandle, AgentStatus, Error};
 use strait_schema::credentials;
 use strait_schema::{
-    decode, encode, AgentName, AgentToken, Credit, Data, ErrorCode, Fin, Frame, GoAway, Header, Limits, Pong,
+    decode, encode, AgentName, AgentToken, Credit, Data, Drain, ErrorCode, Fin, Frame, GoAway, Header, Limits, Pong,
     RefuseCode, Refused, RequestHead, Secret, ServiceDecl, ServiceKind, StreamId, StreamOpen, Welcome, WireLimits,
     CAP_DRAIN, CAP_INLINE_END, CAP_RAW_HTTP, PATH_PREFIX_HEADER, PROTOCOL_VERSION,
 };
@@ -319,6 +319,8 @@ async fn streams_round_trip_under_credit() {
     )
     .await;
     send(&mut ws, Frame::Fin(Fin { stream: ghost })).await;
+    // So is a `Drain`, which only agents send.
+    send(&mut ws, Frame::Drain(Drain { stream: ghost })).await;
 
     // GET of 1 MiB with a 64 KiB window: the agent stops at the window until credit comes.
     let s = StreamId(1);

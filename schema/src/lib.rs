@@ -1,6 +1,7 @@
 //! Strait's wire protocol: the typed frames agents and nodes exchange, the validating codec that
 //! turns them into Cap'n Proto bytes and back, the stable error codes callers see, and the agent
-//! credentials (token, handshake signature), and the WebSocket framing both ends share. No
+//! credentials (token, handshake signature), the WebSocket framing both ends share, and how both
+//! ends' byte pumps size their socket reads (`read_size`). No
 //! sockets of its own and no runtime (`ws::SocketReader` reads whatever `AsyncRead` its owner
 //! hands it), so it can be fuzzed and property-tested in isolation.
 
