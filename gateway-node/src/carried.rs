@@ -314,6 +314,11 @@ impl Caller {
         if self.carried.is_none() && !req.keep_alive && !req.upgrade {
             return ("", Next::HandOver);
         }
+        if self.carried.is_none() && !cluster::target_reads(&self.node, &target, cluster::FEATURE_HTTP).await {
+            // The agent's node is of a build that does not carry connections: requests it reads.
+            self.node.metrics.bus.with_label_values(&["peer_lacks_http"]).inc();
+            return ("", Next::HandOver);
+        }
         let mut reused = self.carried.is_some();
         if self.carried.is_none() {
             match Carried::open(&self.node, &target, agent.clone(), service.clone()).await {

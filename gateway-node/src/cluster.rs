@@ -11,11 +11,96 @@ use strait_bus::Bus;
 use strait_schema::{AgentName, BusEnvelope, ErrorCode, Frame, Reset, StreamId};
 use tokio::sync::mpsc;
 
+use crate::directory::Directory;
 use crate::node::{NodeState, SessionRef};
 use crate::session::{
     to_local_caller, AgentLink, BodyEvent, FromCaller, OpenStream, StreamCloser, StreamEvent, StreamGrant, StreamOwner,
 };
 use crate::telemetry;
+
+/// A caller's HTTP connection carried as bytes: `StreamOpen { http: true }` and what follows it.
+pub const FEATURE_HTTP: &str = "http";
+/// An agent's `Drain`, relayed to the caller's node.
+pub const FEATURE_DRAIN: &str = "drain";
+/// What this build reads from its peers beyond the frames every build reads. Each node lists
+/// them next to its liveness key, and a sender uses one only with a peer that lists it, so a
+/// rolling upgrade can run old and new builds side by side.
+pub const FEATURES: &[&str] = &[FEATURE_HTTP, FEATURE_DRAIN];
+
+/// The features other nodes listed, as this node last read them: on first contact, then every
+/// heartbeat. Read without waiting, so actors can ask.
+#[derive(Default)]
+pub struct Peers {
+    /// `None` while a peer's first read is under way.
+    listed: parking_lot::RwLock<HashMap<String, Option<Vec<String>>>>,
+}
+
+impl Peers {
+    /// Whether `peer` listed `feature` when last read. A peer not read yet lists nothing, so it
+    /// gets the older form until its list is in.
+    pub fn lists(&self, peer: &str, feature: &str) -> bool {
+        self.listed
+            .read()
+            .get(peer)
+            .is_some_and(|l| l.as_ref().is_some_and(|l| l.iter().any(|f| f == feature)))
+    }
+
+    fn known(&self, peer: &str) -> bool {
+        self.listed.read().contains_key(peer)
+    }
+
+    /// Reads `peer`'s list unless it was read (or is being read) already.
+    pub async fn learn(&self, directory: &dyn Directory, peer: &str) {
+        {
+            let mut listed = self.listed.write();
+            if listed.contains_key(peer) {
+                return;
+            }
+            listed.insert(peer.to_owned(), None);
+        }
+        self.read(directory, peer).await;
+    }
+
+    /// Reads every known peer's list again: a peer restarted with another build lists anew, and
+    /// one that stopped is forgotten.
+    pub async fn refresh(&self, directory: &dyn Directory) {
+        let peers: Vec<String> = self.listed.read().keys().cloned().collect();
+        for peer in peers {
+            self.read(directory, &peer).await;
+        }
+    }
+
+    async fn read(&self, directory: &dyn Directory, peer: &str) {
+        match directory.node_features(peer).await {
+            Ok(Some(list)) => {
+                self.listed.write().insert(peer.to_owned(), Some(list));
+            }
+            Ok(None) => {
+                self.listed.write().remove(peer);
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "cannot read a peer's features");
+                // A first read that failed is tried again on the next contact.
+                let mut listed = self.listed.write();
+                if listed.get(peer).is_some_and(Option::is_none) {
+                    listed.remove(peer);
+                }
+            }
+        }
+    }
+}
+
+/// Whether the node holding `target` reads `feature` (this node reads all of its own). A
+/// remote peer not read yet is read now.
+pub async fn target_reads(node: &NodeState, target: &Target, feature: &str) -> bool {
+    match target {
+        Target::Local(_) => true,
+        Target::Remote { node: peer, .. } => {
+            node.peers.learn(&*node.directory, peer).await;
+            node.peers.lists(peer, feature)
+        }
+    }
+}
 
 /// Hands envelopes to the bus in order, without making senders wait: one pump task per node.
 #[derive(Clone)]
@@ -232,6 +317,12 @@ pub async fn bridge(node: Arc<NodeState>, mut rx: mpsc::UnboundedReceiver<BusEnv
         if node.remote.contains(id) {
             node.remote.deliver(&node, env.frame);
             continue;
+        }
+        if env.frame.opens_stream() && !node.peers.known(&env.from_node) {
+            // What the caller's node reads decides what is relayed back to it (a `Drain`), so
+            // its list is read before the stream needs it.
+            let (node, peer) = (node.clone(), env.from_node.clone());
+            actix_rt::spawn(async move { node.peers.learn(&*node.directory, &peer).await });
         }
         match node
             .sessions

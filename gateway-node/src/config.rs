@@ -208,6 +208,10 @@ pub struct NodeConfig {
     pub drain_grace: Duration,
     /// How public HTTP requests travel to an agent.
     pub http_relay: HttpRelay,
+    /// What this node lists for its peers (`cluster::FEATURES`, all it reads). Listing fewer
+    /// keeps the newer frames from it, as from a node of an older build; tests stand in for
+    /// such a node this way.
+    pub bus_features: Vec<&'static str>,
 }
 
 impl NodeConfig {
@@ -242,6 +246,7 @@ impl NodeConfig {
             drain_delay: Duration::ZERO,
             drain_grace: Duration::from_secs(30),
             http_relay: HttpRelay::Connection,
+            bus_features: crate::cluster::FEATURES.to_vec(),
         }
     }
 

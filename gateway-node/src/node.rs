@@ -137,6 +137,8 @@ pub struct NodeState {
     pub phase: watch::Sender<Phase>,
     /// Streams opened here on agents held by other nodes.
     pub remote: RemoteStreams,
+    /// What the other nodes read on the bus.
+    pub peers: crate::cluster::Peers,
     /// Sends envelopes to other nodes.
     pub bus_out: BusOut,
     /// What receive windows of streams opened here may grow by.
@@ -189,6 +191,7 @@ impl NodeState {
             metrics,
             phase,
             remote: RemoteStreams::default(),
+            peers: crate::cluster::Peers::default(),
             bus_out,
             windows,
             bus_rx: parking_lot::Mutex::new(Some(bus_rx)),
@@ -375,9 +378,14 @@ async fn node_liveness(state: Arc<NodeState>) {
     let mut tick = tokio::time::interval(hb);
     loop {
         tick.tick().await;
-        if let Err(e) = state.directory.node_heartbeat(&state.cfg.node_id, ttl).await {
+        if let Err(e) = state
+            .directory
+            .node_heartbeat(&state.cfg.node_id, &state.cfg.bus_features, ttl)
+            .await
+        {
             tracing::warn!(error = %e, "node heartbeat failed");
         }
+        state.peers.refresh(&*state.directory).await;
         for node in state.remote.nodes() {
             if let Ok(false) = state.directory.node_alive(&node).await {
                 let n = state.remote.fail_node(&node, &format!("node {node} is gone"));

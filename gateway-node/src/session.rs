@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::cluster::BusOut;
+use crate::cluster::{BusOut, FEATURE_DRAIN};
 use crate::directory::Presence;
 use crate::inflight::RequestCtl;
 use crate::node::{NodeState, Phase, SessionRef};
@@ -829,9 +829,16 @@ impl AgentSession {
                 let mut t = self.streams.inner.lock();
                 match t.map.get_mut(&id) {
                     // Before the head too: the agent sends `Drain` ahead of its queued frames.
-                    Some(s) if s.carries_http => {
-                        s.forward_to_caller(&self.node, agent, epoch, Frame::Drain(d));
-                    }
+                    Some(s) if s.carries_http => match &s.caller {
+                        // A caller's node of an older build reads no `Drain`: its connection
+                        // holds the stream as before, until the agent's drain ends.
+                        Caller::Remote { node, .. } if !self.node.peers.lists(node, FEATURE_DRAIN) => {
+                            self.node.metrics.bus.with_label_values(&["peer_lacks_drain"]).inc();
+                        }
+                        _ => {
+                            s.forward_to_caller(&self.node, agent, epoch, Frame::Drain(d));
+                        }
+                    },
                     Some(_) => {
                         drop(t);
                         self.refuse_frame("drain_not_carried");

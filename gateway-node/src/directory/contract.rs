@@ -25,6 +25,7 @@ macro_rules! directory_contract_tests {
             stale_epoch_cannot_refresh_or_release_the_newer_presence,
             presence_expires_unless_refreshed_and_heartbeats_restore_it,
             node_liveness_follows_heartbeats,
+            nodes_list_their_features_with_each_heartbeat,
             pin_is_taken_once_and_guarded_by_its_holder,
             pin_expires_unless_renewed,
             offsets_only_move_forward,
@@ -200,18 +201,36 @@ pub(crate) fn presence_expires_unless_refreshed_and_heartbeats_restore_it(d: &dy
 pub(crate) fn node_liveness_follows_heartbeats(d: &dyn Directory) -> BoxFuture<'_, ()> {
     Box::pin(async move {
         assert!(!d.node_alive("n1").await.unwrap(), "never heartbeated");
-        d.node_heartbeat("n1", Duration::from_millis(100)).await.unwrap();
-        d.node_heartbeat("n2", Duration::from_secs(5)).await.unwrap();
+        d.node_heartbeat("n1", &[], Duration::from_millis(100)).await.unwrap();
+        d.node_heartbeat("n2", &[], Duration::from_secs(5)).await.unwrap();
         assert!(d.node_alive("n1").await.unwrap());
         eventually("n1 expired", || async { !d.node_alive("n1").await.unwrap() }).await;
         assert!(d.node_alive("n2").await.unwrap(), "n2's heartbeat is its own");
 
-        d.node_heartbeat("n1", Duration::from_secs(5)).await.unwrap();
+        d.node_heartbeat("n1", &[], Duration::from_secs(5)).await.unwrap();
         assert!(d.node_alive("n1").await.unwrap(), "a heartbeat revives");
         d.node_gone("n1").await.unwrap();
         assert!(!d.node_alive("n1").await.unwrap(), "gone at once");
         assert!(d.node_alive("n2").await.unwrap());
         d.node_gone("n1").await.unwrap();
+    })
+}
+
+pub(crate) fn nodes_list_their_features_with_each_heartbeat(d: &dyn Directory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let ttl = Duration::from_secs(5);
+        assert_eq!(d.node_features("n1").await.unwrap(), None, "never heartbeated");
+        d.node_heartbeat("n1", &["http", "drain"], ttl).await.unwrap();
+        d.node_heartbeat("n2", &[], ttl).await.unwrap();
+        let listed = |v: &[&str]| Some(v.iter().map(|f| (*f).to_owned()).collect::<Vec<_>>());
+        assert_eq!(d.node_features("n1").await.unwrap(), listed(&["http", "drain"]));
+        assert_eq!(d.node_features("n2").await.unwrap(), listed(&[]), "alive, listing none");
+        // A restart under the same id with another build lists what that build reads.
+        d.node_heartbeat("n1", &["http"], ttl).await.unwrap();
+        assert_eq!(d.node_features("n1").await.unwrap(), listed(&["http"]));
+        d.node_gone("n1").await.unwrap();
+        assert_eq!(d.node_features("n1").await.unwrap(), None, "gone");
+        d.node_gone("n2").await.unwrap();
     })
 }
 

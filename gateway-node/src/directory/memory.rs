@@ -19,7 +19,8 @@ struct State {
     presence: HashMap<AgentName, (Presence, Instant)>,
     /// One counter for all agents: per-agent epochs then only grow, also across expiry.
     epoch: u64,
-    nodes: HashMap<String, Instant>,
+    /// Liveness deadline and listed bus features per node.
+    nodes: HashMap<String, (Instant, Vec<String>)>,
     pins: HashMap<String, (String, Instant)>,
     offsets: HashMap<String, u64>,
     last_sweep: Option<Instant>,
@@ -36,7 +37,7 @@ impl State {
         self.last_sweep = Some(now);
         self.nonces.retain(|_, exp| *exp > now);
         self.presence.retain(|_, (_, exp)| *exp > now);
-        self.nodes.retain(|_, exp| *exp > now);
+        self.nodes.retain(|_, (exp, _)| *exp > now);
         self.pins.retain(|_, (_, exp)| *exp > now);
     }
 }
@@ -130,17 +131,26 @@ impl Directory for MemoryDirectory {
             .map(|(p, _)| p.clone()))
     }
 
-    async fn node_heartbeat(&self, node_id: &str, ttl: Duration) -> Result<(), Error> {
+    async fn node_heartbeat(&self, node_id: &str, features: &[&str], ttl: Duration) -> Result<(), Error> {
         let now = Instant::now();
         let mut s = self.state.lock();
         s.sweep(now);
-        s.nodes.insert(node_id.to_owned(), now + ttl);
+        let features = features.iter().map(|f| (*f).to_owned()).collect();
+        s.nodes.insert(node_id.to_owned(), (now + ttl, features));
         Ok(())
     }
 
     async fn node_alive(&self, node_id: &str) -> Result<bool, Error> {
+        Ok(self.node_features(node_id).await?.is_some())
+    }
+
+    async fn node_features(&self, node_id: &str) -> Result<Option<Vec<String>>, Error> {
         let now = Instant::now();
-        Ok(self.state.lock().nodes.get(node_id).is_some_and(|exp| *exp > now))
+        let s = self.state.lock();
+        Ok(s.nodes
+            .get(node_id)
+            .filter(|(exp, _)| *exp > now)
+            .map(|(_, f)| f.clone()))
     }
 
     async fn node_gone(&self, node_id: &str) -> Result<(), Error> {

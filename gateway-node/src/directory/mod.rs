@@ -58,11 +58,16 @@ pub trait Directory: Send + Sync + 'static {
         Ok((self.presence(agent).await?, false))
     }
 
-    /// Marks this node alive for `ttl` (called every heartbeat). A node whose key expired is
-    /// dead: callers of streams it carried are reset, and its agents reconnect elsewhere.
-    async fn node_heartbeat(&self, node_id: &str, ttl: Duration) -> Result<(), Error>;
+    /// Marks this node alive for `ttl` (called every heartbeat), listing the bus features it
+    /// understands. A node whose key expired is dead: callers of streams it carried are reset,
+    /// and its agents reconnect elsewhere.
+    async fn node_heartbeat(&self, node_id: &str, features: &[&str], ttl: Duration) -> Result<(), Error>;
     /// Whether `node_id` heartbeated within its ttl.
     async fn node_alive(&self, node_id: &str) -> Result<bool, Error>;
+    /// The bus features `node_id` listed with its last heartbeat, or `None` if it is not alive.
+    /// A node built before features were listed lists none: its peers send it only the frames
+    /// every build reads (a rolling upgrade runs old and new builds side by side).
+    async fn node_features(&self, node_id: &str) -> Result<Option<Vec<String>>, Error>;
     /// Removes this node's liveness key at once (clean shutdown).
     async fn node_gone(&self, node_id: &str) -> Result<(), Error>;
 

@@ -302,6 +302,14 @@ fn failed(what: &str, e: RedisError) -> Error {
     Error::Directory(format!("{what}: {e}"))
 }
 
+/// The features in a liveness value (`now_ms|a,b`); none in a bare `now_ms` from an older build.
+fn parse_features(value: &str) -> Vec<String> {
+    value
+        .split_once('|')
+        .map(|(_, list)| list.split(',').filter(|f| !f.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
 /// Redis takes whole milliseconds and refuses `PX 0`.
 fn ttl_ms(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
@@ -447,17 +455,19 @@ impl Directory for RedisDirectory {
         Ok((found, false))
     }
 
-    async fn node_heartbeat(&self, node_id: &str, ttl: Duration) -> Result<(), Error> {
+    async fn node_heartbeat(&self, node_id: &str, features: &[&str], ttl: Duration) -> Result<(), Error> {
         let key = &self.key("node", node_id);
         let ms = ttl_ms(ttl);
-        // The value is informational (when it last beat); liveness is the key's existence.
+        // Liveness is the key's existence; the value is when it last beat (informational) and
+        // the features it lists, as `now_ms|a,b`. Builds before the list wrote `now_ms` alone.
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let value = &format!("{now_ms}|{}", features.join(","));
         self.run("node heartbeat", |mut c| async move {
             redis::cmd("SET")
                 .arg(key)
-                .arg(now_ms)
+                .arg(value)
                 .arg("PX")
                 .arg(ms)
                 .query_async::<()>(&mut c)
@@ -472,6 +482,16 @@ impl Directory for RedisDirectory {
             redis::cmd("EXISTS").arg(key).query_async(&mut c).await
         })
         .await
+    }
+
+    async fn node_features(&self, node_id: &str) -> Result<Option<Vec<String>>, Error> {
+        let key = &self.key("node", node_id);
+        let value: Option<String> = self
+            .run("node features", |mut c| async move {
+                redis::cmd("GET").arg(key).query_async(&mut c).await
+            })
+            .await?;
+        Ok(value.map(|v| parse_features(&v)))
     }
 
     async fn node_gone(&self, node_id: &str) -> Result<(), Error> {
@@ -589,9 +609,9 @@ mod tests {
         let mine = connect().await;
         let other = connect().await;
         let ttl = Duration::from_secs(30);
-        mine.node_heartbeat("n1", ttl).await.unwrap();
+        mine.node_heartbeat("n1", &[], ttl).await.unwrap();
         mine.store_offset("s", 1).await.unwrap();
-        other.node_heartbeat("n1", ttl).await.unwrap();
+        other.node_heartbeat("n1", &[], ttl).await.unwrap();
         assert_eq!(mine.delete_all_keys().await.unwrap(), 2);
         assert!(!mine.node_alive("n1").await.unwrap());
         assert!(other.node_alive("n1").await.unwrap());
@@ -720,6 +740,32 @@ mod tests {
         }
     }
 
+    /// A node built before features were listed heartbeats with a bare timestamp: it is alive
+    /// and lists none, so its peers send it nothing newer.
+    #[tokio::test]
+    async fn a_liveness_value_from_an_older_build_lists_no_features() {
+        let d = connect().await;
+        let outcome = AssertUnwindSafe(async {
+            let mut c = d.conn.clone();
+            let _: () = redis::cmd("SET")
+                .arg(d.key("node", "old"))
+                .arg(1_796_000_000_000u64)
+                .arg("PX")
+                .arg(5_000)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            assert!(d.node_alive("old").await.unwrap());
+            assert_eq!(d.node_features("old").await.unwrap(), Some(vec![]));
+        })
+        .catch_unwind()
+        .await;
+        d.delete_all_keys().await.unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
     #[tokio::test]
     async fn a_dropped_connection_is_retried_once() {
         let d = connect().await;
@@ -736,7 +782,7 @@ mod tests {
             .unwrap();
         assert_eq!(killed, 1);
         let outcome = AssertUnwindSafe(async {
-            d.node_heartbeat("n1", Duration::from_secs(5)).await.unwrap();
+            d.node_heartbeat("n1", &[], Duration::from_secs(5)).await.unwrap();
             assert!(d.node_alive("n1").await.unwrap());
         })
         .catch_unwind()

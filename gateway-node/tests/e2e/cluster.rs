@@ -414,3 +414,113 @@ async fn a_draining_node_is_not_held_by_idle_carried_connections() {
     }
     agent.kill();
 }
+
+/// A rolling upgrade runs old and new builds side by side. A caller's node carries a connection
+/// (`StreamOpen { http }`) only to an agent's node that lists `http` next to its liveness key,
+/// and serves the caller with requests when it does not: both callers are answered, and only
+/// the one whose agent sits on the node that does not list it went the older way.
+#[actix_rt::test]
+async fn a_caller_is_carried_only_to_a_node_that_lists_carried_connections() {
+    let backend = Backend::start().await;
+    let b = SharedBackends::in_process();
+    let relay = |c: &mut strait_gateway::config::NodeConfig| {
+        c.http_relay = strait_gateway::config::HttpRelay::Connection;
+    };
+    let callers = TestNode::on_backends(&b, "node-a", relay).await;
+    let older = TestNode::on_backends(&b, "node-b", |c| {
+        relay(c);
+        c.bus_features.retain(|f| *f != "http");
+    })
+    .await;
+    let newer = TestNode::on_backends(&b, "node-c", relay).await;
+    let _alpha = older.connect_agent("alpha", &backend.url()).await;
+    let _beta = newer.connect_agent("beta", &backend.url()).await;
+    callers.sees_presence("alpha").await;
+    callers.sees_presence("beta").await;
+    let lacks = "strait_bus_envelopes_total{event=\"peer_lacks_http\"}";
+    for (agent, held_back) in [("beta", 0), ("alpha", 1), ("beta", 1), ("alpha", 2)] {
+        // A fresh connection each time: a kept one would stay on the relay it started with.
+        let client = reqwest::Client::builder()
+            .resolve(&format!("{agent}.localhost"), callers.http_addr)
+            .build()
+            .unwrap();
+        let r = client.get(callers.url(agent, "/status/200")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{agent}");
+        assert_eq!(
+            metric_value(&callers.metrics().await, lacks),
+            held_back,
+            "after a request to {agent}"
+        );
+    }
+    callers.metric_reaches("strait_requests_total{outcome=\"ok\"}", 4).await;
+}
+
+/// A caller's node that does not list `drain` is not sent the agent's `Drain` (it would drop
+/// the envelope as malformed): its carried connection holds the agent's drain as it always did,
+/// while one from a node that lists it is ended at once.
+#[actix_rt::test]
+async fn a_drain_is_relayed_only_to_a_caller_node_that_lists_it() {
+    let backend = Backend::start().await;
+    let b = SharedBackends::in_process();
+    let cfg = |c: &mut strait_gateway::config::NodeConfig| {
+        c.http_relay = strait_gateway::config::HttpRelay::Connection;
+        c.caller_timeout = Duration::from_secs(60);
+    };
+    let older = TestNode::on_backends(&b, "node-a", |c| {
+        cfg(c);
+        c.bus_features.retain(|f| *f != "drain");
+    })
+    .await;
+    let agents = TestNode::on_backends(&b, "node-b", cfg).await;
+    let newer = TestNode::on_backends(&b, "node-c", cfg).await;
+    let token = agents.add_agent("alpha").await;
+    let mut agent_cfg = AgentConfig::new(&agents.agent_url(), token)
+        .unwrap()
+        .expose(&backend.url())
+        .unwrap();
+    agent_cfg.drain_timeout = Duration::from_secs(3);
+    let agent = AgentHandle::spawn(agent_cfg);
+    agent.connected(Duration::from_secs(10)).await.unwrap();
+    agents.wait_agent("alpha").await;
+    let alpha = AgentName::new("alpha").unwrap();
+    // One idle keep-alive caller on each caller node.
+    let mut idle = Vec::new();
+    for callers in [&older, &newer] {
+        callers.sees_presence("alpha").await;
+        let host = format!("alpha.localhost:{}", callers.http_addr.port());
+        let mut s = tokio::net::TcpStream::connect(callers.http_addr).await.unwrap();
+        s.write_all(format!("GET /status/200 HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert!(read_answer(&mut s).await.0.starts_with("http/1.1 200"));
+        idle.push(s);
+    }
+    let open = || agents.state.sessions.get(&alpha).map(|s| s.streams.open_count());
+    assert_eq!(open(), Some(2));
+
+    let stopping = tokio::spawn(agent.shutdown());
+    eventually(Duration::from_secs(2), "the newer caller's stream ends", || async {
+        open() == Some(1)
+    })
+    .await;
+    agents
+        .metric_reaches("strait_bus_envelopes_total{event=\"peer_lacks_drain\"}", 1)
+        .await;
+    assert_eq!(
+        open(),
+        Some(1),
+        "the older caller's stream is held until the agent's drain ends"
+    );
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the agent's drain timeout ends its wait")
+        .unwrap();
+    assert_eq!(
+        metric_value(
+            &agents.metrics().await,
+            "strait_bus_envelopes_total{event=\"peer_lacks_drain\"}"
+        ),
+        1,
+        "only the older caller's node was passed over"
+    );
+}
