@@ -3,7 +3,7 @@
 //! them to the agent's session, which relays the agent's answers back to A the same way. When
 //! the agent is on the same node none of this runs: the fast path is a direct actor message.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -31,8 +31,9 @@ pub const FEATURES: &[&str] = &[FEATURE_HTTP, FEATURE_DRAIN];
 /// heartbeat. Read without waiting, so actors can ask.
 #[derive(Default)]
 pub struct Peers {
-    /// `None` while a peer's first read is under way.
-    listed: parking_lot::RwLock<HashMap<String, Option<Vec<String>>>>,
+    listed: parking_lot::RwLock<HashMap<String, Vec<String>>>,
+    /// Peers whose first read runs in the background ([`learn_soon`]).
+    asked: Mutex<HashSet<String>>,
 }
 
 impl Peers {
@@ -42,23 +43,19 @@ impl Peers {
         self.listed
             .read()
             .get(peer)
-            .is_some_and(|l| l.as_ref().is_some_and(|l| l.iter().any(|f| f == feature)))
+            .is_some_and(|l| l.iter().any(|f| f == feature))
     }
 
     fn known(&self, peer: &str) -> bool {
         self.listed.read().contains_key(peer)
     }
 
-    /// Reads `peer`'s list unless it was read (or is being read) already.
+    /// Reads `peer`'s list unless it is known. Callers that meet a new peer together each read
+    /// it (once per peer), rather than the later ones taking the older form meanwhile.
     pub async fn learn(&self, directory: &dyn Directory, peer: &str) {
-        {
-            let mut listed = self.listed.write();
-            if listed.contains_key(peer) {
-                return;
-            }
-            listed.insert(peer.to_owned(), None);
+        if !self.known(peer) {
+            self.read(directory, peer).await;
         }
-        self.read(directory, peer).await;
     }
 
     /// Reads every known peer's list again: a peer restarted with another build lists anew, and
@@ -73,21 +70,28 @@ impl Peers {
     async fn read(&self, directory: &dyn Directory, peer: &str) {
         match directory.node_features(peer).await {
             Ok(Some(list)) => {
-                self.listed.write().insert(peer.to_owned(), Some(list));
+                self.listed.write().insert(peer.to_owned(), list);
             }
             Ok(None) => {
                 self.listed.write().remove(peer);
             }
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "cannot read a peer's features");
-                // A first read that failed is tried again on the next contact.
-                let mut listed = self.listed.write();
-                if listed.get(peer).is_some_and(Option::is_none) {
-                    listed.remove(peer);
-                }
-            }
+            // What was read before stands; a peer never read is read on its next contact.
+            Err(e) => tracing::debug!(%peer, error = %e, "cannot read a peer's features"),
         }
     }
+}
+
+/// Starts reading `peer`'s list in the background unless it is known or being read: for paths
+/// that must not wait on the directory (the bridge).
+fn learn_soon(node: &Arc<NodeState>, peer: &str) {
+    if node.peers.known(peer) || !node.peers.asked.lock().insert(peer.to_owned()) {
+        return;
+    }
+    let (node, peer) = (node.clone(), peer.to_owned());
+    actix_rt::spawn(async move {
+        node.peers.learn(&*node.directory, &peer).await;
+        node.peers.asked.lock().remove(&peer);
+    });
 }
 
 /// Whether the node holding `target` reads `feature` (this node reads all of its own). A
@@ -318,11 +322,10 @@ pub async fn bridge(node: Arc<NodeState>, mut rx: mpsc::UnboundedReceiver<BusEnv
             node.remote.deliver(&node, env.frame);
             continue;
         }
-        if env.frame.opens_stream() && !node.peers.known(&env.from_node) {
+        if env.frame.opens_stream() {
             // What the caller's node reads decides what is relayed back to it (a `Drain`), so
             // its list is read before the stream needs it.
-            let (node, peer) = (node.clone(), env.from_node.clone());
-            actix_rt::spawn(async move { node.peers.learn(&*node.directory, &peer).await });
+            learn_soon(&node, &env.from_node);
         }
         match node
             .sessions
@@ -361,5 +364,62 @@ pub async fn bridge(node: Arc<NodeState>, mut rx: mpsc::UnboundedReceiver<BusEnv
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::directory::MemoryDirectory;
+
+    /// A peer is taken to read nothing until its list is in; a peer that stops heartbeating is
+    /// forgotten by the next refresh, and one restarted with another build is read anew.
+    #[tokio::test]
+    async fn peers_are_read_on_first_contact_and_again_each_refresh() {
+        let dir = MemoryDirectory::new();
+        let ttl = Duration::from_secs(5);
+        dir.node_heartbeat("b", &[FEATURE_HTTP, FEATURE_DRAIN], ttl)
+            .await
+            .unwrap();
+        dir.node_heartbeat("old", &[], ttl).await.unwrap();
+        let peers = Peers::default();
+        assert!(!peers.lists("b", FEATURE_HTTP), "not read yet");
+        peers.learn(&dir, "b").await;
+        assert!(peers.lists("b", FEATURE_HTTP) && peers.lists("b", FEATURE_DRAIN));
+        peers.learn(&dir, "old").await;
+        assert!(
+            !peers.lists("old", FEATURE_HTTP),
+            "a build from before the list reads none"
+        );
+
+        dir.node_heartbeat("b", &[FEATURE_HTTP], ttl).await.unwrap();
+        dir.node_gone("old").await.unwrap();
+        peers.refresh(&dir).await;
+        assert!(peers.lists("b", FEATURE_HTTP) && !peers.lists("b", FEATURE_DRAIN));
+        assert!(!peers.known("old"), "a stopped peer is forgotten");
+    }
+
+    /// Callers that meet a new peer together (a burst of connections to an agent on another
+    /// node) all get its list, none the older form because another one's read is still out.
+    /// On Redis, where a read really waits.
+    #[tokio::test]
+    async fn callers_meeting_a_new_peer_together_all_get_its_list() {
+        let prefix = format!("strait-test-{:016x}:", rand::random::<u64>());
+        let dir = crate::directory::RedisDirectory::connect("redis://127.0.0.1:6379/", &prefix)
+            .await
+            .expect("Redis on 127.0.0.1:6379 (scripts/deps starts it)");
+        dir.node_heartbeat("b", FEATURES, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let peers = Peers::default();
+        let caller = || async {
+            peers.learn(&dir, "b").await;
+            peers.lists("b", FEATURE_HTTP)
+        };
+        let answers = futures_util::future::join_all((0..8).map(|_| caller())).await;
+        dir.delete_all_keys().await.unwrap();
+        assert_eq!(answers, vec![true; 8]);
     }
 }
