@@ -386,13 +386,7 @@ async fn a_draining_node_is_not_held_by_idle_carried_connections() {
     // Two keep-alive callers on node A, each served once and then idle on a stream to node B.
     let host = format!("alpha.localhost:{}", callers.http_addr.port());
     let get = format!("GET /status/200 HTTP/1.1\r\nHost: {host}\r\n\r\n");
-    let mut idle = Vec::new();
-    for _ in 0..2 {
-        let mut s = tokio::net::TcpStream::connect(callers.http_addr).await.unwrap();
-        s.write_all(get.as_bytes()).await.unwrap();
-        assert!(read_answer(&mut s).await.0.starts_with("http/1.1 200"));
-        idle.push(s);
-    }
+    let mut idle = vec![callers.idle_caller("alpha").await, callers.idle_caller("alpha").await];
     assert_eq!(old.state.sessions.get(&alpha).map(|s| s.streams.open_count()), Some(2));
 
     let started = std::time::Instant::now();
@@ -487,13 +481,7 @@ async fn a_drain_is_relayed_only_to_a_caller_node_that_lists_it() {
     let mut idle = Vec::new();
     for callers in [&older, &newer] {
         callers.sees_presence("alpha").await;
-        let host = format!("alpha.localhost:{}", callers.http_addr.port());
-        let mut s = tokio::net::TcpStream::connect(callers.http_addr).await.unwrap();
-        s.write_all(format!("GET /status/200 HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        assert!(read_answer(&mut s).await.0.starts_with("http/1.1 200"));
-        idle.push(s);
+        idle.push(callers.idle_caller("alpha").await);
     }
     let open = || agents.state.sessions.get(&alpha).map(|s| s.streams.open_count());
     assert_eq!(open(), Some(2));

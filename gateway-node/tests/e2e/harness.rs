@@ -393,6 +393,20 @@ impl TestNode {
             .unwrap()
     }
 
+    /// A keep-alive caller's connection to `agent` through this node, served once and left
+    /// idle: with the carried relay it holds its stream on the agent's node.
+    pub async fn idle_caller(&self, agent: &str) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let host = format!("{agent}.localhost:{}", self.http_addr.port());
+        let mut s = tokio::net::TcpStream::connect(self.http_addr).await.unwrap();
+        s.write_all(format!("GET /status/200 HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (head, _) = read_answer(&mut s).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        s
+    }
+
     /// Waits for `series` to read `want`: a request is counted once its answer is written, so
     /// the caller may hold the whole answer a moment before the count moves.
     pub async fn metric_reaches(&self, series: &str, want: u64) {
