@@ -1,5 +1,5 @@
-//! What the figures were measured on and with: cores, CPU model, memory, kernel, and the
-//! versions of everything involved. A figure without these cannot be compared with another.
+//! What the figures were measured on and with: cores, CPU model, memory, kernel and its TCP
+//! congestion control, and the versions of everything involved. A figure without these cannot be compared with another.
 
 use std::path::Path;
 use std::process::Command;
@@ -17,6 +17,10 @@ pub struct Machine {
     pub memory_mib: u64,
     /// Kernel release.
     pub kernel: String,
+    /// The kernel's default TCP congestion control. A pacing one (`bbr`) spends CPU on timers
+    /// for every loopback hop and caps one loopback stream, so it moves every figure, the
+    /// direct ones most (docs/benchmarks.md, twenty-fifth round).
+    pub tcp_congestion: String,
 }
 
 impl Machine {
@@ -30,11 +34,17 @@ impl Machine {
             memory_mib: proc_field(&meminfo, "MemTotal")
                 .and_then(|v| v.split_whitespace().next().and_then(|k| k.parse::<u64>().ok()))
                 .map_or(0, |kib| kib / 1024),
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_else(|_| "unknown".into()),
+            kernel: proc_line("/proc/sys/kernel/osrelease"),
+            tcp_congestion: proc_line("/proc/sys/net/ipv4/tcp_congestion_control"),
         }
     }
+}
+
+/// A one-line /proc file, trimmed; "unknown" where it cannot be read.
+fn proc_line(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// The value of the first `key : value` line of a /proc file.

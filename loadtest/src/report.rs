@@ -204,8 +204,8 @@ impl Report {
         let _ = writeln!(s, "- started: {} (took {:.0} s)", self.started_at, self.duration_secs);
         let _ = writeln!(
             s,
-            "- machine: {} cores, {}, {} MiB, Linux {}",
-            m.cores, m.cpu_model, m.memory_mib, m.kernel
+            "- machine: {} cores, {}, {} MiB, Linux {}, TCP congestion control {}",
+            m.cores, m.cpu_model, m.memory_mib, m.kernel, m.tcp_congestion
         );
         let _ = writeln!(
             s,
@@ -476,6 +476,7 @@ mod tests {
                 cpu_model: "Test CPU".into(),
                 memory_mib: 1024,
                 kernel: "6.1".into(),
+                tcp_congestion: "bbr".into(),
             },
             versions: Versions {
                 loadtest: "0.1.0".into(),
@@ -530,6 +531,7 @@ mod tests {
         let md = r.to_markdown();
         assert!(md.contains("`strait-loadtest run --spawn`"));
         assert!(md.contains("2 cores, Test CPU"));
+        assert!(md.contains("TCP congestion control bbr"), "{md}");
         assert!(
             md.contains("| tcp-bulk | 1 stream down | strait | 1000 MiB/s | 0.40x |"),
             "{md}"
@@ -550,6 +552,7 @@ mod tests {
         )]);
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(v["machine"]["cores"], 2);
+        assert_eq!(v["machine"]["tcp_congestion"], "bbr");
         assert_eq!(v["rows"][0]["status"], "ok");
         assert_eq!(v["rows"][0]["value"], 21.5);
     }
