@@ -794,6 +794,23 @@ mod tests {
     }
 
     #[test]
+    fn liveness_values_name_their_features_and_older_ones_none() {
+        let listed = |v: &str| parse_features(v);
+        assert_eq!(listed("1796000000000|http,drain"), ["http", "drain"]);
+        assert_eq!(
+            listed("1796000000000|"),
+            Vec::<String>::new(),
+            "a node that reads nothing newer"
+        );
+        assert_eq!(
+            listed("1796000000000"),
+            Vec::<String>::new(),
+            "a build from before the list"
+        );
+        assert_eq!(listed("1|http,,drain,"), ["http", "drain"], "empty names are skipped");
+    }
+
+    #[test]
     fn presence_value_round_trips_with_a_bar_in_the_instance_id() {
         let p = parse_presence("42|node-1|inst|a").unwrap();
         assert_eq!(
