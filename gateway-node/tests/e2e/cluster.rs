@@ -472,7 +472,8 @@ async fn a_drain_is_relayed_only_to_a_caller_node_that_lists_it() {
         .unwrap()
         .expose(&backend.url())
         .unwrap();
-    agent_cfg.drain_timeout = Duration::from_secs(3);
+    // Long enough that the held stream is still open when the test looks, on a slow machine too.
+    agent_cfg.drain_timeout = Duration::from_secs(5);
     let agent = AgentHandle::spawn(agent_cfg);
     agent.connected(Duration::from_secs(10)).await.unwrap();
     agents.wait_agent("alpha").await;
