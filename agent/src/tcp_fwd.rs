@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use strait_schema::read_size::ReadSize;
 use strait_schema::ErrorCode;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::TcpTarget;
@@ -97,17 +97,14 @@ where
         let mut size = ReadSize::new(tx.max_data_bytes);
         loop {
             // Take credit first, then read at most that much: nothing is buffered beyond it.
-            let n = tx.credit.take(size.reserve(&mut buf)).await;
+            let n = tx.credit.take(size.next()).await;
             if n == 0 {
                 return Err("connection to gateway closed".to_owned());
             }
-            let got = {
-                let mut limited = (&mut buf).limit(n);
-                rd.read_buf(&mut limited)
-                    .await
-                    .map_err(|e| format!("read from local service failed ({peer}): {e}"))?
-            };
-            size.read(n, got);
+            let got = size
+                .read_from(&mut rd, &mut buf, n)
+                .await
+                .map_err(|e| format!("read from local service failed ({peer}): {e}"))?;
             tx.credit.give_back(n - got);
             if got == 0 {
                 tx.fin().await.map_err(|_| "connection to gateway closed".to_owned())?;

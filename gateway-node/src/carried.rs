@@ -477,16 +477,12 @@ impl Caller {
             }
             let mut size = ReadSize::new(up.max_data);
             loop {
-                let want = size.reserve(buf);
-                match rd.read_buf(buf).await {
+                match size.read_from(rd, buf, usize::MAX).await {
                     Ok(0) => {
                         up.link.send(&Frame::Fin(Fin { stream: up.id }));
                         return Ok::<(), Failure>(());
                     }
-                    Ok(n) => {
-                        size.read(want, n);
-                        up.send(buf.split().freeze()).await?
-                    }
+                    Ok(_) => up.send(buf.split().freeze()).await?,
                     Err(e) => return Err((ErrorCode::Reset, format!("caller connection failed: {e}"))),
                 }
             }

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_rt::task::JoinHandle;
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use strait_schema::read_size::ReadSize;
 use strait_schema::{Data, ErrorCode, Fin, Frame, Reset, StreamId, StreamOpen};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
@@ -286,8 +286,7 @@ impl Handler<Pump> for RawStream {
             let mut buf = BytesMut::new();
             let mut size = ReadSize::new(max_data);
             loop {
-                let want = size.reserve(&mut buf);
-                let n = match rd.read_buf(&mut (&mut buf).limit(want)).await {
+                let n = match size.read_from(&mut rd, &mut buf, usize::MAX).await {
                     Ok(0) => {
                         link.send(&Frame::Fin(Fin { stream: id }));
                         done.do_send(HalfDone::Clean);
@@ -302,7 +301,6 @@ impl Handler<Pump> for RawStream {
                         return;
                     }
                 };
-                size.read(want, n);
                 activity.store(now_ms(), Ordering::Relaxed);
                 if !RawStream::within_quota(&bytes, quota, n) {
                     done.do_send(HalfDone::Failed(

@@ -6,7 +6,11 @@
 //! while reads come back full the size doubles, so bulk transfers still reach a whole frame
 //! within a few reads (docs/benchmarks.md, twenty-fourth round).
 
-use bytes::BytesMut;
+use std::io;
+use std::pin::Pin;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::AsyncRead;
 
 /// The first read, and the smallest.
 pub const SMALL_READ: usize = 16 << 10;
@@ -36,9 +40,25 @@ impl ReadSize {
         self.next
     }
 
+    /// One read from `rd`, appended to `buf`: at most the next read size and at most `limit`
+    /// (the stream's credit, where the caller holds it), then sizes the read after it. Returns
+    /// the bytes read, 0 at end of stream (or for a zero `limit`).
+    pub async fn read_from<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        buf: &mut BytesMut,
+        limit: usize,
+    ) -> io::Result<usize> {
+        let asked = self.reserve(buf).min(limit);
+        let mut room = (&mut *buf).limit(asked);
+        let got = std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *rd), cx, &mut room)).await?;
+        self.read(asked, got);
+        Ok(got)
+    }
+
     /// Makes room in `buf` for the next read, in a new [`READ_SLAB`] when the current one is
     /// used up; returns how much to read.
-    pub fn reserve(&self, buf: &mut BytesMut) -> usize {
+    fn reserve(&self, buf: &mut BytesMut) -> usize {
         if buf.capacity() - buf.len() < self.next {
             buf.reserve(self.next.max(READ_SLAB));
         }
@@ -47,7 +67,7 @@ impl ReadSize {
 
     /// A read of at most `asked` bytes returned `got`: a full one doubles the next, a nearly
     /// empty one halves it.
-    pub fn read(&mut self, asked: usize, got: usize) {
+    fn read(&mut self, asked: usize, got: usize) {
         if got >= asked {
             self.next = (self.next * 2).min(self.max);
         } else if got <= self.next / 4 {
@@ -89,6 +109,38 @@ mod tests {
         tiny.read(4096, 10);
         tiny.read(4096, 4096);
         assert_eq!(tiny.next(), 4096);
+    }
+
+    /// A read takes no more than the size or the limit, appends to what the buffer holds, and
+    /// grows the next one only when it came back full.
+    #[tokio::test]
+    async fn read_from_keeps_to_the_size_and_the_limit() {
+        let data = vec![5u8; 100 << 10];
+        let mut rd = &data[..];
+        let mut buf = BytesMut::from(&b"kept"[..]);
+        let mut s = ReadSize::new(256 << 10);
+        assert_eq!(s.read_from(&mut rd, &mut buf, usize::MAX).await.unwrap(), SMALL_READ);
+        assert_eq!(&buf[..4], b"kept");
+        assert_eq!(s.next(), 2 * SMALL_READ, "a full read doubles the next");
+        assert_eq!(
+            s.read_from(&mut rd, &mut buf, 1000).await.unwrap(),
+            1000,
+            "the credit caps it"
+        );
+        assert_eq!(s.next(), 4 * SMALL_READ);
+        assert_eq!(
+            s.read_from(&mut rd, &mut buf, usize::MAX).await.unwrap(),
+            4 * SMALL_READ
+        );
+        let rest = (100 << 10) - 5 * SMALL_READ - 1000;
+        assert_eq!(s.read_from(&mut rd, &mut buf, usize::MAX).await.unwrap(), rest);
+        assert_eq!(s.next(), 4 * SMALL_READ, "a read under a quarter full halves the next");
+        assert_eq!(buf.len(), 4 + (100 << 10));
+        assert_eq!(
+            s.read_from(&mut rd, &mut buf, usize::MAX).await.unwrap(),
+            0,
+            "end of stream"
+        );
     }
 
     #[test]
