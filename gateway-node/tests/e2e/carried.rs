@@ -349,9 +349,7 @@ async fn a_draining_agent_ends_carried_connections_between_requests() {
         let host = format!("alpha.localhost:{}", callers.http_addr.port());
         let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
         // One connection idle after an answer, one waiting for a slow one.
-        let mut idle = TcpStream::connect(callers.http_addr).await.unwrap();
-        idle.write_all(get("/status/200").as_bytes()).await.unwrap();
-        assert!(read_answer(&mut idle).await.0.starts_with("http/1.1 200"));
+        let mut idle = callers.idle_caller("alpha").await;
         let mut busy = TcpStream::connect(callers.http_addr).await.unwrap();
         busy.write_all(get("/slow/500").as_bytes()).await.unwrap();
         eventually(

@@ -481,3 +481,38 @@ async fn redis_restart_keeps_agents_reachable() {
     .await;
     drop(redis);
 }
+
+/// What a node has read of its peers' bus features stands through a Redis outage, so a blip
+/// does not send the cluster back to the older forms; a peer it could not read yet gets the
+/// older form, and is read on its next contact once Redis is back.
+#[tokio::test]
+async fn peers_keep_what_they_read_through_a_redis_outage() {
+    use strait_gateway::cluster::{Peers, FEATURES, FEATURE_HTTP};
+    use strait_gateway::directory::{Directory, RedisDirectory};
+    let mut redis = PrivateRedis::start().await;
+    let dir = RedisDirectory::connect(&redis.url(), "strait-peers:").await.unwrap();
+    let ttl = Duration::from_secs(30);
+    dir.node_heartbeat("b", FEATURES, ttl).await.unwrap();
+    dir.node_heartbeat("c", FEATURES, ttl).await.unwrap();
+    let peers = Peers::default();
+    peers.learn(&dir, "b").await;
+    assert!(peers.lists("b", FEATURE_HTTP));
+
+    redis.kill();
+    let started = Instant::now();
+    peers.refresh(&dir).await;
+    assert!(peers.lists("b", FEATURE_HTTP), "a failed re-read keeps what was read");
+    peers.learn(&dir, "c").await;
+    assert!(!peers.lists("c", FEATURE_HTTP), "a peer not read gets the older form");
+    println!("two reads against a dead Redis took {:?}", started.elapsed());
+
+    redis.spawn();
+    wait_pong(redis.port).await;
+    // Restarted empty: c heartbeats again, as a live node would.
+    eventually(Duration::from_secs(10), "a heartbeat after the restart", || async {
+        dir.node_heartbeat("c", FEATURES, ttl).await.is_ok()
+    })
+    .await;
+    peers.learn(&dir, "c").await;
+    assert!(peers.lists("c", FEATURE_HTTP), "read on its next contact");
+}
