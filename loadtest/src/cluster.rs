@@ -17,6 +17,7 @@ use strait_gateway::store::postgres::testing::TempDatabase;
 use strait_schema::AgentName;
 use tokio::time::Instant;
 
+use crate::cpu::{cpu_ticks, TICKS_PER_SEC};
 use crate::load::{HttpTarget, Window};
 use crate::spawn::{self, Backing, Bins, Gateway, Proc, StoreAt};
 use crate::Error;
@@ -352,10 +353,6 @@ pub struct Cost {
     pub work_unit: &'static str,
 }
 
-/// Kernel clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`: 100 on every Linux ABI
-/// this runs on; reading it needs `sysconf`, which needs `unsafe`).
-const TICKS_PER_SEC: f64 = 100.0;
-
 impl Cost {
     fn between(b: &Reading, a: &Reading) -> Cost {
         let ms = |ticks: u64| ticks as f64 * 1000.0 / TICKS_PER_SEC;
@@ -471,23 +468,6 @@ impl CrossNode {
     }
 }
 
-/// User + system CPU time of a process (all its threads), clock ticks.
-pub fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_cpu_ticks(&stat)
-}
-
-/// `utime + stime` (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field 2)
-/// may hold spaces and parentheses, so fields are counted from its closing parenthesis.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state).
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
 /// The pid of the first process whose command name is `comm`.
 fn pid_of(comm: &str) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
@@ -517,18 +497,6 @@ pub(crate) fn test_cost(node_cpu_ms: f64, published: f64, work: f64) -> Cost {
 mod tests {
     use super::test_cost as cost;
     use super::*;
-
-    #[test]
-    fn cpu_ticks_skip_a_command_name_with_spaces() {
-        let stat = "1234 (tokio (worker) 1) S 1 1234 1234 0 -1 4194560 500 0 0 0 250 75 0 0 20 0 9 0 100 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(325));
-        assert_eq!(parse_cpu_ticks("garbage"), None);
-    }
-
-    #[test]
-    fn this_process_has_cpu_ticks() {
-        assert!(cpu_ticks(std::process::id()).is_some());
-    }
 
     #[test]
     fn host_port_drops_credentials_and_fills_the_port() {

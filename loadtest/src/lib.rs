@@ -4,12 +4,14 @@
 //!
 //! The pieces: [`backend`] (a fast HTTP and TCP server that is never the bottleneck), [`load`]
 //! (the load generators), [`spawn`] (starting the backend, gateway, agents and rathole on free
-//! loopback ports), [`cluster`] (two-node cluster targets and what the bus costs), [`scenario`] (what is measured, against which target), [`report`]
-//! (Markdown and JSON) and [`stats`] (percentiles).
+//! loopback ports), [`cluster`] (two-node cluster targets and what the bus costs), [`cpu`] (each
+//! process's CPU per unit of work, and the machine's idle share), [`scenario`] (what is measured,
+//! against which target), [`report`] (Markdown and JSON) and [`stats`] (percentiles).
 
 pub mod backend;
 pub mod body;
 pub mod cluster;
+pub mod cpu;
 pub mod handshake;
 pub mod load;
 pub mod machine;

@@ -212,6 +212,7 @@ async fn run(a: RunArgs) -> anyhow::Result<i32> {
         plan: plan.clone(),
         bins,
         backend: backend.as_ref().map(|b| (b.http, b.tcp)),
+        backend_pid: backend.as_ref().map(|b| b.proc.pid()),
         workdir: workdir.path().to_path_buf(),
         progress: Progress::new(steps, visible),
         baseline: a.baseline.clone(),

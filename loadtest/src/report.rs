@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::cluster::{Cost, CrossNode};
+use crate::cpu::CpuPerUnit;
 use crate::machine::{Machine, Versions};
 use crate::stats::{ratio, LatencySummary};
 use crate::target::Spawned;
@@ -68,6 +69,9 @@ pub struct Row {
     /// On `strait-cross` rows: what crossing nodes added, against `strait-same`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cross_node: Option<CrossNode>,
+    /// CPU per request or MiB of each process, and the machine's idle share, over the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuPerUnit>,
 }
 
 impl Row {
@@ -90,6 +94,7 @@ impl Row {
             notes: Vec::new(),
             cost: None,
             cross_node: None,
+            cpu: None,
         }
     }
 
@@ -154,6 +159,26 @@ impl Report {
         for s in scenarios {
             if !self.rows.iter().any(|r| &r.scenario == s && r.status == Status::Ok) {
                 out.push(format!("{s}: no figure"));
+            }
+        }
+        // A spawned tunnel's traffic figure comes with what its own processes spent on it.
+        let tunnels = [
+            Spawned::Strait,
+            Spawned::Rathole,
+            Spawned::StraitSame,
+            Spawned::StraitCross,
+        ]
+        .map(Spawned::name);
+        for r in &self.rows {
+            let traffic = r.unit == "req/s" || r.unit == "MiB/s";
+            if r.status != Status::Ok || !traffic || !tunnels.contains(&r.target.as_str()) {
+                continue;
+            }
+            if r.cpu.is_none_or(|c| c.server_us.is_none() || c.client_us.is_none()) {
+                out.push(format!(
+                    "{} / {} / {}: the tunnel's processes' CPU was not read",
+                    r.scenario, r.case, r.target
+                ));
             }
         }
         // A cross-node figure proves something only if frames did cross the bus.
@@ -262,8 +287,52 @@ impl Report {
                 notes.join("; "),
             );
         }
+        self.cpu_markdown(&mut s);
         self.cluster_markdown(&mut s);
         s
+    }
+
+    /// What each process spent per request or MiB, and how idle the machine was, for every row
+    /// that read it. Empty when none did.
+    fn cpu_markdown(&self, s: &mut String) {
+        let rows: Vec<(&Row, CpuPerUnit)> = self.rows.iter().filter_map(|r| Some((r, r.cpu?))).collect();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "\n### CPU per unit of work\n\n\
+             User + system CPU of each process over the measured window, per request or per MiB (`/proc`, \
+             10 ms ticks). Tunnel: the gateway (both nodes for a cluster target) or rathole's server, then \
+             the agent or rathole's client. Load generator: this process (with the backend too when that is \
+             not a process of its own). Idle: the share of all cores' time nobody used; on a small shared \
+             machine a tunnel that leaves cores idle is waiting on hand-offs, not short of CPU.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| scenario | case | target | figure | per | tunnel (server + client) | backend | load generator | machine idle |"
+        );
+        let _ = writeln!(s, "|---|---|---|--:|---|--:|--:|--:|--:|");
+        let us = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.1} µs"));
+        for (r, c) in rows {
+            let tunnel = match (c.server_us, c.client_us) {
+                (Some(a), Some(b)) => format!("{a:.1} + {b:.1} µs"),
+                (a, b) => us(a.or(b)),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.scenario,
+                r.case,
+                r.target,
+                r.value.map_or(String::new(), |v| format!("{} {}", human(v), r.unit)),
+                c.unit,
+                tunnel,
+                us(c.backend_us),
+                us(c.generator_us),
+                c.machine_idle.map_or(String::new(), |i| format!("{:.0}%", i * 100.0)),
+            );
+        }
     }
 
     /// The cluster section: each `strait-cross` figure next to `strait-same`'s, with what the
@@ -575,6 +644,18 @@ mod tests {
         crate::cluster::test_cost(100.0, published, work)
     }
 
+    /// A tunnel's CPU per unit of work, as the runner puts it on a traffic row.
+    fn tunnel_cpu(unit: &'static str) -> Option<CpuPerUnit> {
+        Some(CpuPerUnit {
+            unit,
+            server_us: Some(10.64),
+            client_us: Some(6.8),
+            backend_us: Some(7.0),
+            generator_us: Some(5.25),
+            machine_idle: Some(0.094),
+        })
+    }
+
     #[test]
     fn cross_node_rows_are_compared_with_same_node_rows() {
         let mut same = Row::ok("http-small", "64 conns", "strait-same", "req/s", 20_000.0, true);
@@ -583,6 +664,7 @@ mod tests {
         let mut cross = Row::ok("http-small", "64 conns", "strait-cross", "req/s", 10_000.0, true);
         cross.latency = Some(lat(5_000));
         cross.cost = Some(cost(500_000.0, 100_000.0));
+        (same.cpu, cross.cpu) = (tunnel_cpu("request"), tunnel_cpu("request"));
         let mut r = report(vec![same, cross]);
         r.compute_ratios();
         let x = r.rows[1].cross_node.unwrap();
@@ -602,11 +684,50 @@ mod tests {
     fn problems_name_cross_node_rows_without_bus_frames() {
         let mut cross = Row::ok("tcp-bulk", "1 stream down", "strait-cross", "MiB/s", 90.0, true);
         cross.cost = Some(cost(0.0, 10.0));
+        cross.cpu = tunnel_cpu("MiB");
         let r = report(vec![cross]);
         let p = r.problems(&["tcp-bulk".into()]);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains("no frame crossed the bus"));
         assert!(!report(vec![]).to_markdown().contains("Cluster"));
+    }
+
+    #[test]
+    fn cpu_per_unit_is_shown_for_the_rows_that_read_it() {
+        let direct = Row::ok("http-small", "64 conns", "direct", "req/s", 100_000.0, true);
+        let mut strait = Row::ok("http-small", "64 conns", "strait", "req/s", 45_000.0, true);
+        strait.cpu = tunnel_cpu("request");
+        let md = report(vec![direct.clone(), strait]).to_markdown();
+        assert!(md.contains("### CPU per unit of work"), "{md}");
+        assert!(
+            md.contains(
+                "| http-small | 64 conns | strait | 45,000 req/s | request | 10.6 + 6.8 µs | 7.0 µs | 5.2 µs | 9% |"
+            ),
+            "{md}"
+        );
+        // Rows without CPU figures (user-run targets) get no line, and no section when none has.
+        assert!(
+            !md.contains("| http-small | 64 conns | direct | 100,000 req/s | request"),
+            "{md}"
+        );
+        assert!(!report(vec![direct]).to_markdown().contains("CPU per unit"));
+    }
+
+    #[test]
+    fn problems_name_tunnel_rows_whose_processes_were_not_read() {
+        let mut read = Row::ok("http-small", "64 conns", "rathole", "req/s", 50_000.0, true);
+        read.cpu = tunnel_cpu("request");
+        let mut half = Row::ok("tcp-bulk", "1 stream up", "strait", "MiB/s", 900.0, true);
+        half.cpu = tunnel_cpu("MiB").map(|c| CpuPerUnit { client_us: None, ..c });
+        let unread = Row::ok("http-large", "1 MiB down x4", "strait", "MiB/s", 800.0, true);
+        // The baseline and memory rows have no tunnel processes to read.
+        let direct = Row::ok("http-small", "64 conns", "direct", "req/s", 100_000.0, true);
+        let memory = Row::ok("agents-idle", "10 agents", "strait", "KiB/agent", 20.0, false);
+        let r = report(vec![read, half, unread, direct, memory]);
+        let p = r.problems(&[]);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("tcp-bulk / 1 stream up / strait: the tunnel's processes' CPU was not read"));
+        assert!(p[1].starts_with("http-large / 1 MiB down x4 / strait"));
     }
 
     #[test]

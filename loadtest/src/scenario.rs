@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::cluster::{ClusterStack, Cost, CostProbe, CrossNode, Services};
+use crate::cpu::CpuProbe;
 use crate::load::{self, Direction, HttpRun, HttpTarget, Window};
 use crate::report::{Row, Status};
 use crate::spawn::{self, Backing, Bins, Gateway, Proc, Rathole, StraitStack};
@@ -223,6 +224,8 @@ pub struct Runner {
     pub bins: Option<Bins>,
     /// The spawned backend's HTTP and TCP addresses.
     pub backend: Option<(SocketAddr, SocketAddr)>,
+    /// The spawned backend's process, whose CPU each traffic row reports.
+    pub backend_pid: Option<u32>,
     /// Where stacks keep data and logs.
     pub workdir: PathBuf,
     /// Progress display.
@@ -243,6 +246,8 @@ struct Endpoints {
     pids: (Option<u32>, Option<u32>),
     /// Reads a cluster target's CPU and bus counters around each measurement.
     cost: Option<CostProbe>,
+    /// Reads every process's CPU around each measurement.
+    cpu: CpuProbe,
     _stack: Stack,
 }
 
@@ -380,6 +385,7 @@ impl Runner {
                     tcp: Ok(tcp),
                     pids: (None, None),
                     cost: None,
+                    cpu: CpuProbe::new(Vec::new(), None, self.backend_pid),
                     _stack: Stack::None,
                 }
             }
@@ -391,6 +397,11 @@ impl Runner {
                     tcp: stack.tcp.clone(),
                     pids: (Some(stack.gateway.proc.pid()), Some(stack.agent.pid())),
                     cost: None,
+                    cpu: CpuProbe::new(
+                        vec![stack.gateway.proc.pid()],
+                        Some(stack.agent.pid()),
+                        self.backend_pid,
+                    ),
                     _stack: Stack::Strait(Box::new(stack)),
                 }
             }
@@ -407,6 +418,11 @@ impl Runner {
                     tcp: stack.routes[node].clone(),
                     pids: (Some(stack.nodes[node].proc.pid()), Some(stack.agent.pid())),
                     cost: Some(stack.probe()),
+                    cpu: CpuProbe::new(
+                        stack.nodes.iter().map(|n| n.proc.pid()).collect(),
+                        Some(stack.agent.pid()),
+                        self.backend_pid,
+                    ),
                     _stack: Stack::Cluster(Box::new(stack)),
                 }
             }
@@ -419,6 +435,7 @@ impl Runner {
                     tcp: Ok(tcp),
                     pids: (Some(r.server.pid()), r.client.as_ref().map(Proc::pid)),
                     cost: None,
+                    cpu: CpuProbe::new(vec![r.server.pid()], r.client.as_ref().map(Proc::pid), self.backend_pid),
                     _stack: Stack::Rathole(Box::new(r)),
                 }
             }
@@ -427,6 +444,7 @@ impl Runner {
                 tcp: e.tcp.ok_or_else(|| "target has no tcp= address".to_owned()),
                 pids: (e.pid, None),
                 cost: None,
+                cpu: CpuProbe::new(e.pid.into_iter().collect(), None, self.backend_pid),
                 _stack: Stack::None,
             },
         })
@@ -458,7 +476,7 @@ impl Runner {
                         None => None,
                     }
                 };
-                let (run, cost) = tokio::join!(load, probe);
+                let (run, cost, cpu) = tokio::join!(load, probe, ep.cpu.during(window));
                 let mut row = http_row(
                     name,
                     &self.case_label(s),
@@ -468,6 +486,7 @@ impl Runner {
                     run.requests_per_sec(),
                 );
                 attach_cost(&mut row, cost, run.requests as f64, "request");
+                row.cpu = cpu.per(run.requests as f64, "request");
                 rows.push(row);
             }
             Scenario::HttpLarge => {
@@ -482,10 +501,11 @@ impl Runner {
                             dir_label(dir)
                         ));
                         let load = load::http_bulk(&http, dir, size, conns, p.bulk_duration, p.max_requests);
-                        let (run, cost) = costed(ep.cost.as_ref(), load).await;
+                        let ((run, cost), cpu) = ep.cpu.around(costed(ep.cost.as_ref(), load)).await;
                         let case = format!("{} {} x{conns}", size_label(size), dir_label(dir));
                         let mut row = http_row(name, &case, t.name(), &run, "MiB/s", run.mib_per_sec());
                         attach_cost(&mut row, cost, run.bytes as f64 / MIB, "MiB");
+                        row.cpu = cpu.per(run.bytes as f64 / MIB, "MiB");
                         rows.push(row);
                     }
                 }
@@ -496,7 +516,8 @@ impl Runner {
                     for dir in [Direction::Down, Direction::Up] {
                         let case = format!("{n} stream{} {}", if n == 1 { "" } else { "s" }, dir_label(dir));
                         self.progress.step(format!("{name} -> {}: {case}", t.name()));
-                        let (run, cost) = costed(ep.cost.as_ref(), load::tcp_bulk(tcp, dir, n, p.bulk_duration)).await;
+                        let bulk = costed(ep.cost.as_ref(), load::tcp_bulk(tcp, dir, n, p.bulk_duration));
+                        let ((run, cost), cpu) = ep.cpu.around(bulk).await;
                         let mut row = if run.bytes == 0 {
                             Row::without(
                                 name,
@@ -515,6 +536,7 @@ impl Runner {
                         row.extra.insert("bytes".into(), run.bytes as f64);
                         row.extra.insert("secs".into(), run.elapsed.as_secs_f64());
                         attach_cost(&mut row, cost, run.bytes as f64 / MIB, "MiB");
+                        row.cpu = cpu.per(run.bytes as f64 / MIB, "MiB");
                         rows.push(row);
                     }
                 }

@@ -95,6 +95,11 @@ impl External {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(bad("name must be letters, digits, - _ .".into()));
         }
+        // A spawned tunnel's name stands for processes the tool started and reads (their CPU per
+        // request, checked by `--check`); `direct` stays free for a user-run baseline.
+        if Spawned::ALL.iter().any(|s| *s != Spawned::Direct && s.name() == name) {
+            return Err(bad(format!("{name} names a spawned target; pick another name")));
+        }
         let mut t = External {
             name: name.to_owned(),
             ..External::default()
@@ -191,6 +196,8 @@ mod tests {
         assert!(External::parse("x:bogus=1").is_err());
         assert!(External::parse("x:pid=abc").is_err());
         assert!(External::parse("x:http").is_err());
+        assert!(External::parse("strait:http=127.0.0.1:1").is_err());
+        assert!(External::parse("rathole:http=127.0.0.1:1").is_err());
     }
 
     #[test]

@@ -34,6 +34,7 @@ async fn direct_only_quick_run_produces_every_traffic_figure() {
         plan,
         bins: None,
         backend: None,
+        backend_pid: None,
         workdir: work.path().to_path_buf(),
         progress: Progress::new(0, false),
         baseline: "direct".into(),
@@ -55,6 +56,15 @@ async fn direct_only_quick_run_produces_every_traffic_figure() {
     for r in &traffic {
         assert_eq!(r.status, Status::Ok, "{r:#?}");
         assert!(r.value.unwrap() > 0.0, "{r:#?}");
+    }
+    // Every traffic row says what it cost this process (load generator and, here, backend), per
+    // request or MiB, and how idle the machine was; there is no tunnel process to read.
+    for r in &traffic {
+        let cpu = r.cpu.unwrap_or_else(|| panic!("no CPU figures: {r:#?}"));
+        assert!(cpu.generator_us.is_some_and(|us| us >= 0.0), "{r:#?}");
+        assert_eq!((cpu.server_us, cpu.client_us, cpu.backend_us), (None, None, None));
+        assert!(cpu.machine_idle.is_some_and(|i| (0.0..=1.0).contains(&i)), "{r:#?}");
+        assert_eq!(cpu.unit, if r.unit == "req/s" { "request" } else { "MiB" });
     }
     let small = rows.iter().find(|r| r.scenario == "http-small").unwrap();
     let lat = small.latency.unwrap();
@@ -81,6 +91,7 @@ async fn direct_only_quick_run_produces_every_traffic_figure() {
         .all(|r| r.ratio == Some(1.0)));
     let md = report.to_markdown();
     assert!(md.contains("| http-small | 4 conns | direct |"), "{md}");
+    assert!(md.contains("### CPU per unit of work"), "{md}");
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["rows"].as_array().unwrap().len(), 9);
 }
