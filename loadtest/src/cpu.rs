@@ -220,7 +220,7 @@ mod tests {
         let probe = CpuProbe::new(Vec::new(), None, None);
         let (_, used) = probe
             .around(async {
-                let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+                let until = std::time::Instant::now() + std::time::Duration::from_millis(500);
                 let mut x = 0u64;
                 while std::time::Instant::now() < until {
                     x = std::hint::black_box(x.wrapping_add(1));
@@ -228,10 +228,11 @@ mod tests {
             })
             .await;
         assert_eq!((used.server_ms, used.client_ms, used.backend_ms), (None, None, None));
-        // 300 ms of spinning, read in 10 ms ticks; the rest of the test harness may add some.
+        // 500 ms of spinning, read in 10 ms ticks: at least a share of it even on a machine busy
+        // with other tests, and no more than the test process can have used meanwhile.
         let spent = used.generator_ms.unwrap();
-        assert!((150.0..=2000.0).contains(&spent), "generator charged {spent} ms");
-        assert!(used.secs >= 0.3);
+        assert!((50.0..=2000.0).contains(&spent), "generator charged {spent} ms");
+        assert!(used.secs >= 0.5);
         assert!(used.machine_idle.is_some_and(|i| (0.0..=1.0).contains(&i)));
     }
 
