@@ -119,8 +119,8 @@ impl CpuProbe {
     }
 }
 
-/// CPU time each part used over a window, ms.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+/// CPU time each part used over a window, ms: what [`CpuUse::per`] divides by the window's work.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CpuUse {
     /// Length of the window, s.
     pub secs: f64,
