@@ -190,6 +190,18 @@ pub struct CpuPerUnit {
     pub machine_idle: Option<f64>,
 }
 
+impl CpuPerUnit {
+    /// All the parts read, together: with the idle share, what the figure follows on a machine
+    /// they share (two cores × (1 − idle) / this, per second; docs/benchmarks.md, twenty-sixth
+    /// round).
+    pub fn total_us(&self) -> f64 {
+        [self.server_us, self.client_us, self.backend_us, self.generator_us]
+            .into_iter()
+            .flatten()
+            .sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +264,7 @@ mod tests {
         assert_eq!(per.backend_us, None);
         assert_eq!(per.generator_us, Some(2.0));
         assert_eq!(per.machine_idle, Some(0.1));
+        assert_eq!(per.total_us(), 17.0, "the parts read, none for the missing backend");
         assert_eq!(used.per(0.0, "request"), None);
     }
 }

@@ -310,9 +310,9 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "| scenario | case | target | figure | per | tunnel (server + client) | backend | load generator | machine idle |"
+            "| scenario | case | target | figure | per | tunnel (server + client) | backend | load generator | all | machine idle |"
         );
-        let _ = writeln!(s, "|---|---|---|--:|---|--:|--:|--:|--:|");
+        let _ = writeln!(s, "|---|---|---|--:|---|--:|--:|--:|--:|--:|");
         let us = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.1} µs"));
         for (r, c) in rows {
             let tunnel = match (c.server_us, c.client_us) {
@@ -321,7 +321,7 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.scenario,
                 r.case,
                 r.target,
@@ -330,6 +330,7 @@ impl Report {
                 tunnel,
                 us(c.backend_us),
                 us(c.generator_us),
+                us(Some(c.total_us())),
                 c.machine_idle.map_or(String::new(), |i| format!("{:.0}%", i * 100.0)),
             );
         }
@@ -701,7 +702,7 @@ mod tests {
         assert!(md.contains("### CPU per unit of work"), "{md}");
         assert!(
             md.contains(
-                "| http-small | 64 conns | strait | 45,000 req/s | request | 10.6 + 6.8 µs | 7.0 µs | 5.2 µs | 9% |"
+                "| http-small | 64 conns | strait | 45,000 req/s | request | 10.6 + 6.8 µs | 7.0 µs | 5.2 µs | 29.7 µs | 9% |"
             ),
             "{md}"
         );
