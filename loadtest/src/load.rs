@@ -214,15 +214,47 @@ async fn exchange(
         .map_err(|_| Error::Timeout(format!("no complete response within {}s", EXCHANGE_TIMEOUT.as_secs())))?
 }
 
-/// `conns` keep-alive connections, each sending `GET path` back to back, inside `window`.
+/// When the requests of [`http_keepalive`] go.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// Each connection sends its next request as soon as the last answer is in: a closed loop,
+    /// whose latency is tied to its throughput (mean latency = connections / req/s).
+    BackToBack,
+    /// This many requests per second between the connections, each on its own schedule (one
+    /// every `conns / rate` s, the schedules spread over one interval), whatever the answers
+    /// take: latencies compared at the same load.
+    Rate(f64),
+}
+
+/// `conns` keep-alive connections sending `GET path` inside `window`, paced by `pace`.
 /// Reconnects after a connection error.
-pub async fn http_keepalive(t: &HttpTarget, path: &str, conns: usize, window: Window, max_requests: u64) -> HttpRun {
+///
+/// A paced request held back by a slow answer before it counts from when its schedule said to
+/// send it, so it is charged for the wait (no coordinated omission); one sent on time counts from
+/// when it went, so the timer's lateness (tokio's runs in whole milliseconds) is not.
+pub async fn http_keepalive(
+    t: &HttpTarget,
+    path: &str,
+    conns: usize,
+    pace: Pace,
+    window: Window,
+    max_requests: u64,
+) -> HttpRun {
     let budget = Budget::new(max_requests);
-    let tasks = (0..conns.max(1)).map(|_| {
+    let conns = conns.max(1);
+    let start = Instant::now();
+    let interval = match pace {
+        Pace::BackToBack => None,
+        Pace::Rate(rate) => Some(Duration::from_secs_f64(conns as f64 / rate.max(1e-3))),
+    };
+    let tasks = (0..conns).map(|i| {
         let (t, path, budget) = (t.clone(), path.to_owned(), budget.clone());
+        let mut due = interval.map(|every| start + every.mul_f64(i as f64 / conns as f64));
         tokio::spawn(async move {
             let mut w = Worker::new();
-            'conn: while Instant::now() < window.end {
+            // The time the next request is due (its schedule, or now).
+            let next = |due: Option<Instant>| due.unwrap_or_else(Instant::now);
+            'conn: while next(due) < window.end {
                 let mut send = match connect_http(t.addr).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -231,8 +263,22 @@ pub async fn http_keepalive(t: &HttpTarget, path: &str, conns: usize, window: Wi
                         continue;
                     }
                 };
-                while Instant::now() < window.end && budget.take() {
-                    let t0 = Instant::now();
+                while next(due) < window.end && budget.take() {
+                    let scheduled = next(due);
+                    let t0 = match (due.as_mut(), interval) {
+                        (Some(d), Some(every)) => {
+                            *d += every;
+                            // Late because of an answer: counted from the schedule.
+                            match Instant::now() >= scheduled {
+                                true => scheduled,
+                                false => {
+                                    tokio::time::sleep_until(scheduled).await;
+                                    Instant::now()
+                                }
+                            }
+                        }
+                        _ => scheduled,
+                    };
                     let req = match request(&t, Method::GET, &path, BenchBody::Empty, false) {
                         Ok(r) => r,
                         Err(e) => {
@@ -242,7 +288,7 @@ pub async fn http_keepalive(t: &HttpTarget, path: &str, conns: usize, window: Wi
                     };
                     match exchange(&mut send, req, false).await {
                         Ok((s, n, _)) if s.is_success() => {
-                            if t0 >= window.measure_from {
+                            if scheduled >= window.measure_from {
                                 w.requests += 1;
                                 w.bytes += n;
                                 record_us(&mut w.latency, t0.elapsed().as_micros() as u64);

@@ -77,6 +77,10 @@ struct RunArgs {
     /// http-small connections.
     #[arg(long)]
     connections: Option<usize>,
+    /// Requests per second of http-small's second case, sent on a schedule over the same
+    /// connections, for latencies at equal load [default: 10000; --quick 500; 0 skips it].
+    #[arg(long)]
+    rate: Option<f64>,
     /// Measured seconds of http-small and http-new-conn.
     #[arg(long)]
     duration: Option<f64>,
@@ -155,6 +159,14 @@ async fn run(a: RunArgs) -> anyhow::Result<i32> {
     let mut plan = if a.quick { Plan::quick() } else { Plan::full() };
     if let Some(c) = a.connections {
         plan.connections = c.max(1);
+    }
+    if let Some(r) = a.rate {
+        if !(r.is_finite() && r >= 0.0) {
+            return Err(anyhow::anyhow!(
+                "--rate must be a number of requests per second, 0 or more"
+            ));
+        }
+        plan.paced_rate = r;
     }
     if let Some(d) = a.duration {
         plan.duration = secs(d)?;

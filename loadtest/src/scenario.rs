@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::cluster::{ClusterStack, Cost, CostProbe, CrossNode, Services};
-use crate::cpu::CpuProbe;
+use crate::cpu::{CpuProbe, CpuUse};
 use crate::load::{self, Direction, HttpRun, HttpTarget, Window};
 use crate::report::{Row, Status};
 use crate::spawn::{self, Backing, Bins, Gateway, Proc, Rathole, StraitStack};
@@ -83,6 +83,9 @@ pub struct Plan {
     pub quick: bool,
     /// `http-small` connections.
     pub connections: usize,
+    /// Requests per second of `http-small`'s paced case (on the same connections, on a
+    /// schedule): latencies compared at equal load. 0 skips it.
+    pub paced_rate: f64,
     /// `http-new-conn` concurrent requesters.
     pub new_conn_concurrency: usize,
     /// Unrecorded time before each latency window.
@@ -119,6 +122,7 @@ impl Plan {
         Plan {
             quick: false,
             connections: 64,
+            paced_rate: 10_000.0,
             new_conn_concurrency: 32,
             warmup: Duration::from_secs(2),
             duration: Duration::from_secs(10),
@@ -147,6 +151,7 @@ impl Plan {
             quick: true,
             warmup: Duration::from_millis(300),
             duration: Duration::from_secs(2),
+            paced_rate: 500.0,
             bulk_duration: Duration::from_millis(1500),
             agents: 200,
             streams: 200,
@@ -462,32 +467,33 @@ impl Runner {
         match s {
             Scenario::HttpSmall | Scenario::HttpNewConn => {
                 let http = need_http()?;
-                let window = Window::new(p.warmup, p.duration);
-                let load = async {
-                    if s == Scenario::HttpSmall {
-                        load::http_keepalive(&http, "/small", p.connections, window, p.max_requests).await
-                    } else {
-                        load::http_new_conn(&http, "/small", p.new_conn_concurrency, window, p.max_requests).await
-                    }
-                };
-                let probe = async {
-                    match &ep.cost {
-                        Some(probe) => Some(probe.during(window).await),
-                        None => None,
-                    }
-                };
-                let (run, cost, cpu) = tokio::join!(load, probe, ep.cpu.during(window));
-                let mut row = http_row(
-                    name,
-                    &self.case_label(s),
-                    t.name(),
-                    &run,
-                    "req/s",
-                    run.requests_per_sec(),
-                );
-                attach_cost(&mut row, cost, run.requests as f64, "request");
-                row.cpu = cpu.per(run.requests as f64, "request");
-                rows.push(row);
+                // `http-small` also runs paced: the same load for every target, so its latencies
+                // say what a tunnel adds at that load, where the closed loop's say as much about
+                // its throughput.
+                let mut cases = vec![(self.case_label(s), load::Pace::BackToBack)];
+                if s == Scenario::HttpSmall && p.paced_rate > 0.0 {
+                    let case = format!(
+                        "{} conns at {} req/s",
+                        p.connections,
+                        crate::report::human(p.paced_rate)
+                    );
+                    cases.push((case, load::Pace::Rate(p.paced_rate)));
+                }
+                for (case, pace) in cases {
+                    let window = Window::new(p.warmup, p.duration);
+                    let load = async {
+                        if s == Scenario::HttpSmall {
+                            load::http_keepalive(&http, "/small", p.connections, pace, window, p.max_requests).await
+                        } else {
+                            load::http_new_conn(&http, "/small", p.new_conn_concurrency, window, p.max_requests).await
+                        }
+                    };
+                    let (run, cost, cpu) = windowed(ep, window, load).await;
+                    let mut row = http_row(name, &case, t.name(), &run, "req/s", run.requests_per_sec());
+                    attach_cost(&mut row, cost, run.requests as f64, "request");
+                    row.cpu = cpu.per(run.requests as f64, "request");
+                    rows.push(row);
+                }
             }
             Scenario::HttpLarge => {
                 let http = need_http()?;
@@ -939,6 +945,22 @@ async fn storm(
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// Runs `load` over `window`, reading a cluster target's costs and every process's CPU over the
+/// window's measured part while it runs.
+async fn windowed<F: std::future::Future<Output = HttpRun>>(
+    ep: &Endpoints,
+    window: Window,
+    load: F,
+) -> (HttpRun, Option<Result<Cost, Error>>, CpuUse) {
+    let cost = async {
+        match &ep.cost {
+            Some(probe) => Some(probe.during(window).await),
+            None => None,
+        }
+    };
+    tokio::join!(load, cost, ep.cpu.during(window))
+}
 
 /// Runs `load`, reading a cluster target's costs around it when there is a probe.
 async fn costed<F: std::future::Future>(

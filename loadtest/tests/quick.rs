@@ -51,8 +51,8 @@ async fn direct_only_quick_run_produces_every_traffic_figure() {
     let rows = runner.run(&scenarios, &[Target::External(direct)]).await;
 
     let traffic: Vec<_> = rows.iter().filter(|r| r.scenario != "agents-idle").collect();
-    // 1 + 1 + (1 size x 2 directions) + (2 stream counts x 2 directions).
-    assert_eq!(traffic.len(), 8, "{rows:#?}");
+    // http-small closed and paced, 1, (1 size x 2 directions), (2 stream counts x 2 directions).
+    assert_eq!(traffic.len(), 9, "{rows:#?}");
     for r in &traffic {
         assert_eq!(r.status, Status::Ok, "{r:#?}");
         assert!(r.value.unwrap() > 0.0, "{r:#?}");
@@ -66,6 +66,11 @@ async fn direct_only_quick_run_produces_every_traffic_figure() {
         assert!(cpu.machine_idle.is_some_and(|i| (0.0..=1.0).contains(&i)), "{r:#?}");
         assert_eq!(cpu.unit, if r.unit == "req/s" { "request" } else { "MiB" });
     }
+    // The paced case keeps to its schedule: never more than it, and it is easily kept here.
+    let paced = rows.iter().find(|r| r.case == "4 conns at 500 req/s").unwrap();
+    let rate = paced.value.unwrap();
+    assert!((250.0..=600.0).contains(&rate), "paced at {rate} req/s: {paced:#?}");
+    assert!(paced.latency.is_some_and(|l| l.count > 0));
     let small = rows.iter().find(|r| r.scenario == "http-small").unwrap();
     let lat = small.latency.unwrap();
     assert!(lat.count > 0 && lat.p50_us <= lat.p99_us && lat.p99_us <= lat.p999_us);
@@ -93,5 +98,5 @@ async fn direct_only_quick_run_produces_every_traffic_figure() {
     assert!(md.contains("| http-small | 4 conns | direct |"), "{md}");
     assert!(md.contains("### CPU per unit of work"), "{md}");
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
-    assert_eq!(json["rows"].as_array().unwrap().len(), 9);
+    assert_eq!(json["rows"].as_array().unwrap().len(), 10);
 }
