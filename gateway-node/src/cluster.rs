@@ -70,17 +70,17 @@ impl Peers {
     async fn read(&self, directory: &dyn Directory, peer: &str) {
         match directory.node_features(peer).await {
             Ok(Some(list)) => {
-                let lacks: Vec<&str> = FEATURES
-                    .iter()
-                    .copied()
-                    .filter(|f| !list.iter().any(|l| l == f))
-                    .collect();
-                let before = self.listed.write().insert(peer.to_owned(), list.clone());
                 // Once per peer and per change: during a rolling upgrade this says which nodes
                 // get the older forms, and why.
-                if before.as_ref() != Some(&list) {
+                if self.listed.read().get(peer) != Some(&list) {
+                    let lacks: Vec<&str> = FEATURES
+                        .iter()
+                        .copied()
+                        .filter(|f| !list.iter().any(|l| l == f))
+                        .collect();
                     tracing::info!(%peer, reads = ?list, ?lacks, "a peer's bus features");
                 }
+                self.listed.write().insert(peer.to_owned(), list);
             }
             Ok(None) => {
                 self.listed.write().remove(peer);

@@ -255,7 +255,7 @@ impl ClusterStack {
     /// Reads the costs of both nodes, and of the services when they run on this machine.
     pub fn probe(&self) -> CostProbe {
         CostProbe {
-            nodes: self.nodes.iter().map(|n| (n.proc.pid(), n.ops)).collect(),
+            nodes: self.nodes.iter().map(|n| n.ops).collect(),
             services: ["beam.smp", "redis-server"].into_iter().filter_map(pid_of).collect(),
         }
     }
@@ -265,8 +265,9 @@ impl ClusterStack {
 /// Redis's processes, when they run here) and the envelopes that crossed the bus.
 #[derive(Debug, Clone)]
 pub struct CostProbe {
-    /// Each node's pid and ops address.
-    nodes: Vec<(u32, SocketAddr)>,
+    /// Each node's ops address. (The nodes' CPU is read with every other process's:
+    /// [`crate::cpu::CpuProbe`].)
+    nodes: Vec<SocketAddr>,
     /// Pids of the local RabbitMQ and Redis servers (CPU only; they serve others too).
     services: Vec<u32>,
 }
@@ -275,7 +276,6 @@ pub struct CostProbe {
 #[derive(Debug, Clone, Copy)]
 struct Reading {
     at: Instant,
-    node_ticks: u64,
     service_ticks: Option<u64>,
     published: f64,
     received: f64,
@@ -286,14 +286,12 @@ impl CostProbe {
     async fn read(&self) -> Result<Reading, Error> {
         let mut r = Reading {
             at: Instant::now(),
-            node_ticks: 0,
             service_ticks: None,
             published: 0.0,
             received: 0.0,
             batches: 0.0,
         };
-        for &(pid, ops) in &self.nodes {
-            r.node_ticks += cpu_ticks(pid).ok_or_else(|| Error::Spawn(format!("node {pid} is gone")))?;
+        for &ops in &self.nodes {
             let (status, text) = spawn::http_get(ops, "/metrics").await?;
             if status != 200 {
                 return Err(Error::Http(format!("/metrics answered {status}")));
@@ -358,7 +356,7 @@ impl Cost {
         let ms = |ticks: u64| ticks as f64 * 1000.0 / TICKS_PER_SEC;
         Cost {
             secs: a.at.duration_since(b.at).as_secs_f64(),
-            node_cpu_ms: ms(a.node_ticks.saturating_sub(b.node_ticks)),
+            node_cpu_ms: 0.0,
             services_cpu_ms: match (b.service_ticks, a.service_ticks) {
                 (Some(b), Some(a)) => Some(ms(a.saturating_sub(b))),
                 _ => None,
@@ -371,11 +369,13 @@ impl Cost {
         }
     }
 
-    /// Sets the work the window did, so costs compare per request or per MiB.
-    pub fn with_work(self, work: f64, unit: &'static str) -> Cost {
+    /// Sets the work the window did, so costs compare per request or per MiB, and what the nodes
+    /// spent over it (read with every other process's CPU, [`crate::cpu::CpuUse::server_ms`]).
+    pub fn with_work(self, work: f64, unit: &'static str, node_cpu_ms: f64) -> Cost {
         Cost {
             work,
             work_unit: unit,
+            node_cpu_ms,
             ..self
         }
     }

@@ -249,12 +249,12 @@ pub async fn http_keepalive(
     };
     let tasks = (0..conns).map(|i| {
         let (t, path, budget) = (t.clone(), path.to_owned(), budget.clone());
-        let mut due = interval.map(|every| start + every.mul_f64(i as f64 / conns as f64));
+        // When this connection's next request is due, and how far apart its requests are.
+        let mut schedule = interval.map(|every| (start + every.mul_f64(i as f64 / conns as f64), every));
         tokio::spawn(async move {
             let mut w = Worker::new();
-            // The time the next request is due (its schedule, or now).
-            let next = |due: Option<Instant>| due.unwrap_or_else(Instant::now);
-            'conn: while next(due) < window.end {
+            let next = |schedule: Option<(Instant, Duration)>| schedule.map_or_else(Instant::now, |(due, _)| due);
+            'conn: while next(schedule) < window.end {
                 let mut send = match connect_http(t.addr).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -263,22 +263,17 @@ pub async fn http_keepalive(
                         continue;
                     }
                 };
-                while next(due) < window.end && budget.take() {
-                    let scheduled = next(due);
-                    let t0 = match (due.as_mut(), interval) {
-                        (Some(d), Some(every)) => {
-                            *d += every;
-                            // Late because of an answer: counted from the schedule.
-                            match Instant::now() >= scheduled {
-                                true => scheduled,
-                                false => {
-                                    tokio::time::sleep_until(scheduled).await;
-                                    Instant::now()
-                                }
-                            }
+                while next(schedule) < window.end && budget.take() {
+                    let scheduled = next(schedule);
+                    let mut t0 = scheduled;
+                    if let Some((due, every)) = schedule.as_mut() {
+                        *due += *every;
+                        // Late because of an answer: counted from the schedule.
+                        if Instant::now() < scheduled {
+                            tokio::time::sleep_until(scheduled).await;
+                            t0 = Instant::now();
                         }
-                        _ => scheduled,
-                    };
+                    }
                     let req = match request(&t, Method::GET, &path, BenchBody::Empty, false) {
                         Ok(r) => r,
                         Err(e) => {

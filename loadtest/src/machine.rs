@@ -1,5 +1,6 @@
 //! What the figures were measured on and with: cores, CPU model, memory, kernel and its TCP
-//! congestion control, and the versions of everything involved. A figure without these cannot be compared with another.
+//! congestion control, and the versions of everything involved. A figure without these cannot
+//! be compared with another.
 
 use std::path::Path;
 use std::process::Command;

@@ -490,8 +490,7 @@ impl Runner {
                     };
                     let (run, cost, cpu) = windowed(ep, window, load).await;
                     let mut row = http_row(name, &case, t.name(), &run, "req/s", run.requests_per_sec());
-                    attach_cost(&mut row, cost, run.requests as f64, "request");
-                    row.cpu = cpu.per(run.requests as f64, "request");
+                    attach_costs(&mut row, cost, cpu, run.requests as f64, "request");
                     rows.push(row);
                 }
             }
@@ -510,8 +509,7 @@ impl Runner {
                         let ((run, cost), cpu) = ep.cpu.around(costed(ep.cost.as_ref(), load)).await;
                         let case = format!("{} {} x{conns}", size_label(size), dir_label(dir));
                         let mut row = http_row(name, &case, t.name(), &run, "MiB/s", run.mib_per_sec());
-                        attach_cost(&mut row, cost, run.bytes as f64 / MIB, "MiB");
-                        row.cpu = cpu.per(run.bytes as f64 / MIB, "MiB");
+                        attach_costs(&mut row, cost, cpu, run.bytes as f64 / MIB, "MiB");
                         rows.push(row);
                     }
                 }
@@ -541,8 +539,7 @@ impl Runner {
                         }
                         row.extra.insert("bytes".into(), run.bytes as f64);
                         row.extra.insert("secs".into(), run.elapsed.as_secs_f64());
-                        attach_cost(&mut row, cost, run.bytes as f64 / MIB, "MiB");
-                        row.cpu = cpu.per(run.bytes as f64 / MIB, "MiB");
+                        attach_costs(&mut row, cost, cpu, run.bytes as f64 / MIB, "MiB");
                         rows.push(row);
                     }
                 }
@@ -976,12 +973,15 @@ async fn costed<F: std::future::Future>(
     }
 }
 
-/// Puts a measurement's cost on its row, with the work done (requests, MiB) to divide it by.
-fn attach_cost(row: &mut Row, cost: Option<Result<Cost, Error>>, work: f64, unit: &'static str) {
-    match cost {
-        Some(Ok(c)) => row.cost = Some(c.with_work(work, unit)),
-        Some(Err(e)) => row.notes.push(format!("cost not read: {e}")),
-        None => {}
+/// Puts a measurement's costs on its row, with the work done (requests, MiB) to divide them by:
+/// every process's CPU, and for a cluster target the bus's counters with the nodes' share of it.
+fn attach_costs(row: &mut Row, cost: Option<Result<Cost, Error>>, cpu: CpuUse, work: f64, unit: &'static str) {
+    row.cpu = cpu.per(work, unit);
+    match (cost, cpu.server_ms) {
+        (Some(Ok(c)), Some(nodes)) => row.cost = Some(c.with_work(work, unit, nodes)),
+        (Some(Ok(_)), None) => row.notes.push("cost not read: the nodes' CPU could not be read".into()),
+        (Some(Err(e)), _) => row.notes.push(format!("cost not read: {e}")),
+        (None, _) => {}
     }
 }
 
@@ -1101,6 +1101,41 @@ mod tests {
         let direct = merged.iter().find(|r| r.target == "direct").unwrap();
         assert_eq!(direct.value, Some(50.0));
         assert!(direct.notes.iter().any(|n| n == "1 of 2 rounds failed"));
+    }
+
+    /// The nodes' CPU comes from the probe that reads every process; a cluster cost without it
+    /// is not put on the row, and the row says why.
+    #[test]
+    fn a_cluster_cost_takes_the_nodes_cpu_from_the_process_probe() {
+        let cpu = |server_ms| CpuUse {
+            secs: 1.0,
+            server_ms,
+            client_ms: Some(100.0),
+            backend_ms: Some(50.0),
+            generator_ms: Some(50.0),
+            machine_idle: Some(0.2),
+        };
+        let cost = || Some(Ok(crate::cluster::test_cost(0.0, 2_000.0, 0.0)));
+        let mut row = Row::ok("http-small", "64 conns", "strait-cross", "req/s", 1_000.0, true);
+        attach_costs(&mut row, cost(), cpu(Some(400.0)), 1_000.0, "request");
+        let c = row.cost.unwrap();
+        assert_eq!((c.node_cpu_ms, c.work, c.work_unit), (400.0, 1_000.0, "request"));
+        assert_eq!(row.cpu.unwrap().server_us, Some(400.0));
+
+        let mut row = Row::ok("http-small", "64 conns", "strait-cross", "req/s", 1_000.0, true);
+        attach_costs(&mut row, cost(), cpu(None), 1_000.0, "request");
+        assert!(row.cost.is_none());
+        assert!(
+            row.notes.iter().any(|n| n.contains("nodes' CPU could not be read")),
+            "{:?}",
+            row.notes
+        );
+
+        let mut row = Row::ok("http-small", "64 conns", "strait-cross", "req/s", 1_000.0, true);
+        let failed = Some(Err(Error::Http("/metrics answered 503".into())));
+        attach_costs(&mut row, failed, cpu(Some(400.0)), 1_000.0, "request");
+        assert!(row.cost.is_none() && row.cpu.is_some());
+        assert!(row.notes.iter().any(|n| n.contains("503")), "{:?}", row.notes);
     }
 
     #[test]
